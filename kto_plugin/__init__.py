@@ -1,0 +1,21 @@
+"""kto_plugin: KTO preference training for the stock Hugging Face Trainer, with no Trainer subclass."""
+
+from ._version import __version__
+from .collator import KTOCollator, KTOLabels
+from .config import KTOConfig
+from .hookspecs import hookimpl, hookspec
+from .plugin import KTOPlugin
+from .plugin_manager import KTOPluginManager, PluginError, PluginValidationError
+
+__all__ = [
+    "KTOCollator",
+    "KTOConfig",
+    "KTOLabels",
+    "KTOPlugin",
+    "KTOPluginManager",
+    "PluginError",
+    "PluginValidationError",
+    "__version__",
+    "hookimpl",
+    "hookspec",
+]

@@ -1,0 +1,134 @@
+"""The KTO data collator: the target batch and the KL-mismatched batch, built from the batch itself."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .logprobs import IGNORE_INDEX
+
+
+class KTOLabels(dict):
+    """The `labels` entry of a KTO batch: a dict of tensors the loss hook reads.
+
+    The Trainer moves it to the device like any mapping. From transformers 5.10 on, the Trainer probes
+    ``labels[..., 1:]`` to count tokens and catches only TypeError/AttributeError; on Python >= 3.12 a plain
+    dict raises KeyError there (slices became hashable) and training crashes. Non-string keys raise TypeError.
+    """
+
+    def __getitem__(self, key: Any) -> Any:
+        if not isinstance(key, str):
+            raise TypeError(f"KTOLabels is indexed by field name, not {type(key).__name__}")
+        return super().__getitem__(key)
+
+
+def pad(rows: Sequence[Sequence[int]], value: int, pad_to_multiple_of: int | None = None) -> torch.Tensor:
+    """Right-pad integer rows to the longest (rounded up to a multiple of `pad_to_multiple_of`).
+
+    >>> pad([[1, 2, 3], [4]], 0, pad_to_multiple_of=4)
+    tensor([[1, 2, 3, 0],
+            [4, 0, 0, 0]])
+    """
+    width = max((len(r) for r in rows), default=0)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if len(row):
+            out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+class KTOCollator:
+    """Collates prepared rows (`prompt_ids`, `completion_ids`, `label`) into a KTO batch.
+
+    Output::
+
+        {"input_ids": (B, T), "attention_mask": (B, T), **model_kwargs,
+         "labels": KTOLabels(label=(B,) bool, input_ids=(B, T), attention_mask=(B, T),
+                             completion_labels=(B, T) token id on completion tokens, -100 elsewhere,
+                             kl_input_ids=(B, T'), kl_attention_mask=(B, T'), kl_completion_labels=(B, T'),
+                             ref_logps=(B,), ref_kl_logps=(B,))}  # the last two only if precomputed
+
+    The loss hook sees only `labels`, so the target ids and mask are repeated there. The KL batch pairs prompt i with completion i - 1 (row 0 takes the last row's completion), so each
+    prompt meets a completion it was not written for, and the mismatched completions are exactly the
+    batch's own (paper section 4.1). Under a sequential sampler this is TRL's pairing; under any sampler it
+    is still a true mismatch. Rows are cut to `max_length` keeping the start (TRL 1.16); with
+    ``truncation_mode="keep_end"`` the end of the prompt and the whole completion are kept instead.
+
+    Worked example (pad 0, no max_length)::
+
+        rows   [1 2 | 3 4], [5 | 6]            (prompt | completion)
+        input_ids            [[1 2 3 4], [5 6 0 0]]
+        completion_labels    [[-100 -100 3 4], [-100 6 -100 -100]]
+        kl_input_ids         [[1 2 6], [5 3 4]]
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        max_length: int | None = None,
+        truncation_mode: str = "keep_start",
+        pad_to_multiple_of: int | None = None,
+        build_kl: bool = True,
+    ) -> None:
+        self.pad_token_id = pad_token_id
+        self.max_length = max_length
+        self.truncation_mode = truncation_mode
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.build_kl = build_kl
+        # Keyword arguments for the model call (e.g. output_hidden_states); set by `KTOPlugin.attach`.
+        self.model_kwargs: dict[str, Any] = {}
+
+    def _join(self, prompt: Sequence[int], completion: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Concatenate and truncate; returns (input ids, completion labels)."""
+        prompt, completion = list(prompt), list(completion)
+        limit = self.max_length
+        if limit is not None and len(prompt) + len(completion) > limit:
+            if self.truncation_mode == "keep_end" and len(completion) < limit:
+                prompt = prompt[len(prompt) + len(completion) - limit :]
+            elif self.truncation_mode == "keep_end":
+                prompt, completion = prompt[:1], completion[: limit - 1]
+            else:
+                prompt, completion = prompt[:limit], completion[: max(0, limit - len(prompt))]
+        return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+
+    def _side(self, prompts: list, completions: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        joined = [self._join(p, c) for p, c in zip(prompts, completions)]
+        ids = pad([j[0] for j in joined], self.pad_token_id, self.pad_to_multiple_of)
+        labels = pad([j[1] for j in joined], IGNORE_INDEX, self.pad_to_multiple_of)
+        mask = pad([[1] * len(j[0]) for j in joined], 0, self.pad_to_multiple_of)
+        return ids, mask, labels
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        for key in ("prompt_ids", "completion_ids", "label"):
+            if key not in rows[0]:
+                raise KeyError(
+                    f"KTOCollator: row 0 has no {key!r} column (it has {sorted(rows[0])}). Pass the dataset "
+                    f"through `KTOPlugin.prepare_dataset` first, and keep `remove_unused_columns=False`."
+                )
+        if self.build_kl and len(rows) < 2:
+            raise ValueError(
+                "KTOCollator got a batch of 1 row: KTO estimates its KL reference point from mismatched "
+                "(prompt, completion) pairs within a per-device batch, and one row has no mismatched partner. "
+                "Use per_device_train_batch_size >= 2 (the paper recommends >= 4) and per_device_eval_batch_size "
+                ">= 2; with an uneven last batch set dataloader_drop_last=True."
+            )
+        prompts = [r["prompt_ids"] for r in rows]
+        completions = [r["completion_ids"] for r in rows]
+        input_ids, attention_mask, completion_labels = self._side(prompts, completions)
+        labels = KTOLabels(
+            label=torch.tensor([bool(r["label"]) for r in rows], dtype=torch.bool),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            completion_labels=completion_labels,
+        )
+        if self.build_kl:
+            kl_ids, kl_mask, kl_labels = self._side(prompts, completions[-1:] + completions[:-1])
+            labels.update(kl_input_ids=kl_ids, kl_attention_mask=kl_mask, kl_completion_labels=kl_labels)
+        for key in ("ref_logps", "ref_kl_logps"):
+            if key in rows[0]:
+                labels[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **self.model_kwargs, "labels": labels}

@@ -1,0 +1,187 @@
+"""`KTOConfig`: every KTO setting, as a dataclass that `HfArgumentParser` parses next to `TrainingArguments`.
+
+Field names and defaults follow TRL 1.16's `KTOConfig` where the two overlap, so a TRL config carries over;
+`max_prompt_length`, `truncation_mode` and `kl_estimate` are ours.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+TRUNCATION_MODES = ("keep_start", "keep_end")
+KL_ESTIMATES = ("batch", "window")
+
+
+@dataclass
+class KTOConfig:
+    """KTO-specific settings. Training settings (batch size, learning rate, ...) stay in `TrainingArguments`."""
+
+    # --- the loss (KTO paper eq. 7) ---
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "Reward scale beta: higher beta keeps the policy closer to the reference. Paper: 0.1."},
+    )
+    loss_type: str = field(
+        default="kto",
+        metadata={
+            "help": "Loss: 'kto', 'apo_zero_unpaired', or any name a registered plugin implements "
+            "(see `kto_plugin.hookspecs.kto_loss`)."
+        },
+    )
+    desirable_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight lambda_D of desirable examples' losses (paper eq. 8)."},
+    )
+    undesirable_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight lambda_U of undesirable examples' losses (paper eq. 8)."},
+    )
+    kl_estimate: str = field(
+        default="batch",
+        metadata={
+            "help": "Scope of the reference point z0: 'batch' (one micro-batch across processes, as TRL) or "
+            "'window' (the whole gradient-accumulation window).",
+            "choices": list(KL_ESTIMATES),
+        },
+    )
+
+    # --- data ---
+    max_length: int | None = field(
+        default=1024,
+        metadata={
+            "help": "Maximum tokens of prompt+completion. Longer sequences are truncated (see truncation_mode); rows "
+            "whose prompt alone reaches it are dropped at preparation and counted. None: no limit."
+        },
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Maximum prompt tokens; longer prompts keep their last tokens. Must be < max_length. "
+            "None: no separate prompt limit (TRL 1.16 behaviour)."
+        },
+    )
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={
+            "help": "How prompt+completion is cut to max_length: 'keep_start' (TRL 1.16: drop the end) or "
+            "'keep_end' (keep the completion and the end of the prompt).",
+            "choices": list(TRUNCATION_MODES),
+        },
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None,
+        metadata={"help": "Pad every batch to a multiple of this many tokens. None: pad to the longest row."},
+    )
+    dataset_num_proc: int | None = field(
+        default=None,
+        metadata={"help": "Processes for dataset preparation (`datasets.map(num_proc=...)`)."},
+    )
+
+    # --- reference model ---
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the reference log-probs once before training and keep no reference model in memory."
+        },
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Batch size of the precomputation pass. None: the per-device train/eval batch size."},
+    )
+    sync_ref_model: bool = field(
+        default=False,
+        metadata={"help": "TR-DPO style: mix the policy into the reference every ref_model_sync_steps steps."},
+    )
+    ref_model_mixup_alpha: float = field(
+        default=0.6,
+        metadata={"help": "TR-DPO alpha: ref = alpha * policy + (1 - alpha) * ref."},
+    )
+    ref_model_sync_steps: int = field(
+        default=512,
+        metadata={"help": "TR-DPO tau: optimizer steps between reference updates."},
+    )
+
+    # --- model ---
+    disable_dropout: bool = field(
+        default=True,
+        metadata={"help": "Set every dropout probability of the policy and reference to 0 while attached."},
+    )
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments (dict or JSON string) for `from_pretrained` when a model is named."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow models and tokenizers with custom code from the Hub."},
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "Weight of a Mixture-of-Experts router auxiliary loss. None: the model config's."},
+    )
+    activation_offloading: bool = field(
+        default=False,
+        metadata={"help": "Offload activations to the CPU during the policy forward."},
+    )
+
+    # --- feedback ---
+    warn_guidance: bool = field(
+        default=True,
+        metadata={"help": "Warn once when a setting lies outside the KTO paper's guidance."},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model_init_kwargs, str):
+            try:
+                self.model_init_kwargs = json.loads(self.model_init_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"KTOConfig.model_init_kwargs must be a dict or a JSON object string, got "
+                    f"{self.model_init_kwargs!r} ({err})."
+                ) from None
+        if not isinstance(self.loss_type, str) or not self.loss_type:
+            raise ValueError(f"KTOConfig.loss_type must be a non-empty string, got {self.loss_type!r}.")
+        if not self.beta > 0:
+            raise ValueError(f"KTOConfig.beta must be > 0, got {self.beta}. The paper uses beta=0.1.")
+        for name in ("desirable_weight", "undesirable_weight"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"KTOConfig.{name} must be >= 0, got {value}.")
+        if self.desirable_weight == 0 and self.undesirable_weight == 0:
+            raise ValueError("KTOConfig.desirable_weight and undesirable_weight are both 0: nothing would train.")
+        for name in ("max_length", "max_prompt_length", "pad_to_multiple_of", "precompute_ref_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"KTOConfig.{name} must be a positive integer or None, got {value!r}.")
+        if self.max_prompt_length is not None:
+            if self.max_length is None:
+                raise ValueError("KTOConfig.max_prompt_length needs max_length to be set as well.")
+            if self.max_prompt_length >= self.max_length:
+                raise ValueError(
+                    f"KTOConfig.max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
+                    f"({self.max_length}), or no completion token would fit."
+                )
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(
+                f"KTOConfig.truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}."
+            )
+        if self.kl_estimate not in KL_ESTIMATES:
+            raise ValueError(f"KTOConfig.kl_estimate must be one of {KL_ESTIMATES}, got {self.kl_estimate!r}.")
+        if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
+            raise ValueError(f"KTOConfig.dataset_num_proc must be >= 1 or None, got {self.dataset_num_proc}.")
+        if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
+            raise ValueError(
+                f"KTOConfig.ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}."
+            )
+        if self.ref_model_sync_steps < 1:
+            raise ValueError(f"KTOConfig.ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}.")
+        if self.sync_ref_model and self.precompute_ref_log_probs:
+            raise ValueError(
+                "KTOConfig.sync_ref_model=True cannot be combined with precompute_ref_log_probs=True: a reference "
+                "that moves during training makes precomputed log-probs stale. Turn one of them off."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (for logs, model cards and cache keys)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
