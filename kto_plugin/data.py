@@ -71,7 +71,7 @@ def is_conversational(value: Any) -> bool:
     return isinstance(value, list) and len(value) > 0 and isinstance(value[0], Mapping) and "role" in value[0]
 
 
-def _as_dataset(data: Any) -> Any:
+def _as_dataset(data: Any, name: str = "train") -> Any:
     if isinstance(data, (datasets.Dataset, datasets.DatasetDict)):
         return data
     if isinstance(data, list):
@@ -80,6 +80,13 @@ def _as_dataset(data: Any) -> Any:
         if not all(isinstance(row, Mapping) for row in data):
             bad = next(i for i, row in enumerate(data) if not isinstance(row, Mapping))
             raise TypeError(f"prepare_dataset: row {bad} of the list is a {type(data[bad]).__name__}, not a dict.")
+        # check in Python first: Arrow's own conversion errors name neither the row nor the fix
+        validate_columns(list(data[0]), name)
+        for i, row in enumerate(data):
+            missing = [c for c in REQUIRED_COLUMNS if c not in row]
+            if missing:
+                raise ValueError(f"{name} dataset, row {i}: missing {missing} (row 0 has them).")
+        _check_rows({c: [row[c] for row in data] for c in REQUIRED_COLUMNS}, 0, name)
         return datasets.Dataset.from_list([dict(row) for row in data])
     raise TypeError(
         f"prepare_dataset takes a datasets.Dataset, DatasetDict or a list of dicts, got {type(data).__name__}."

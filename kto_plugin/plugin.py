@@ -91,7 +91,7 @@ class KTOPlugin:
         dicts; returns the same kind with `prompt_ids`, `completion_ids` and `label` (other columns kept).
         What is dropped or truncated is counted in `self.data_reports[name]` and logged.
         """
-        data = _as_dataset(dataset)
+        data = _as_dataset(dataset, name)
         if isinstance(data, datasets.DatasetDict):
             return datasets.DatasetDict({split: self.prepare_dataset(ds, name=split) for split, ds in data.items()})
         prepared, report = prepare_split(

@@ -1,0 +1,195 @@
+"""KTOPlugin.attach / detach on stock and subclassed Trainers; metrics plumbing; gradient accumulation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback
+
+from helpers import args, kto_trainer
+from kto_plugin import KTOConfig, KTOPlugin
+from kto_plugin.compute_loss import KTOComputeLoss
+from kto_plugin.metrics import KTOMetricsCallback
+
+KTO_KEYS = {"kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+            "logits/chosen", "logits/rejected"}
+
+
+def _snapshot(trainer):
+    return (
+        {k: v for k, v in vars(trainer).items()},
+        trainer.args.to_dict(),
+        list(trainer.callback_handler.callbacks),
+        [(n, p.requires_grad) for n, p in trainer.model.named_parameters()],
+        [m.p for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)],
+    )
+
+
+def test_attach_sets_what_the_trainer_needs(model, tokenizer, rows, tmp_path):
+    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path)
+    assert trainer.args.remove_unused_columns is True
+    kto.attach(trainer)
+    assert isinstance(trainer.compute_loss_func, KTOComputeLoss)
+    assert trainer.loss_is_scaled_for_ga is False
+    assert trainer.args.remove_unused_columns is False
+    assert isinstance(trainer.callback_handler.callbacks[0], KTOMetricsCallback)
+
+
+def test_detach_restores_the_trainer_exactly(model, tokenizer, rows, tmp_path):
+    model.config.attention_dropout = 0.3  # so disable_dropout has something to undo
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.3
+    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path)
+    before = _snapshot(trainer)
+    kto.attach(trainer)
+    kto.detach()
+    after = _snapshot(trainer)
+    assert before[0].keys() == after[0].keys()
+    for key in before[0]:
+        assert after[0][key] is before[0][key] or after[0][key] == before[0][key], key
+    assert before[1:] == after[1:]
+    assert "loss_is_scaled_for_ga" not in vars(trainer)
+
+
+def test_attach_is_idempotent_and_exclusive(model, tokenizer, rows, tmp_path):
+    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path)
+    kto.attach(trainer)
+    kto.attach(trainer)
+    assert sum(isinstance(c, KTOMetricsCallback) for c in trainer.callback_handler.callbacks) == 1
+    other = Trainer(model=copy.deepcopy(model), args=args(tmp_path), train_dataset=trainer.train_dataset)
+    with pytest.raises(RuntimeError, match="detach"):
+        kto.attach(other)
+
+
+class CustomTrainer(Trainer):
+    """A user's own subclass with its own override."""
+
+    seen_steps = 0
+
+    def training_step(self, *a, **kw):
+        type(self).seen_steps += 1
+        return super().training_step(*a, **kw)
+
+
+def test_works_on_a_trainer_subclass_and_trains(model, tokenizer, rows, tmp_path):
+    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, trainer_cls=CustomTrainer, max_steps=3)
+    kto.attach(trainer)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert CustomTrainer.seen_steps == 3
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3 and KTO_KEYS <= set(logs[0])
+    assert logs[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # policy == reference at step 1
+    assert logs[0]["kl"] == 0.0
+
+
+def test_attach_sets_the_collator_when_the_user_forgot(model, tokenizer, rows, tmp_path):
+    kto = KTOPlugin(KTOConfig(max_length=96), tokenizer=tokenizer)
+    trainer = Trainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=kto.prepare_dataset(rows))
+    original = trainer.data_collator
+    kto.attach(trainer)
+    assert trainer.data_collator is kto.collator
+    trainer.train()
+    kto.detach()
+    assert trainer.data_collator is original
+
+
+def test_per_device_batch_of_one_is_refused(model, tokenizer, rows, tmp_path):
+    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, per_device_train_batch_size=1)
+    with pytest.raises(ValueError, match="per_device_train_batch_size=1"):
+        kto.attach(trainer)
+    kto_apo, trainer = kto_trainer(
+        copy.deepcopy(model), tokenizer, rows, tmp_path, kto_kwargs={"loss_type": "apo_zero_unpaired"},
+        per_device_train_batch_size=1, max_steps=1,
+    )
+    kto_apo.attach(trainer)  # no KL pass, so one row per batch is fine
+    trainer.train()
+
+
+def test_a_last_batch_of_one_is_refused_before_training(model, tokenizer, rows, tmp_path):
+    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path)
+    n = len(trainer.train_dataset)
+    trainer.train_dataset = trainer.train_dataset.select(range(n - (n % 4) - 3))  # 4k + 1 rows
+    with pytest.raises(ValueError, match="last batch holds 1 row"):
+        kto.attach(trainer)
+
+
+def test_unknown_loss_type_names_the_available_ones(tokenizer):
+    with pytest.raises(ValueError, match=r"Unknown KTOConfig.loss_type 'sigmoid'.*apo_zero_unpaired.*kto"):
+        KTOPlugin(KTOConfig(loss_type="sigmoid"), tokenizer=tokenizer)
+
+
+class Recorder(TrainerCallback):
+    """Stands in for a report_to integration (W&B, TensorBoard): records what on_log receives."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def test_metrics_reach_integrations_and_eval_is_prefixed(model, tokenizer, rows, tmp_path):
+    kto = KTOPlugin(KTOConfig(max_length=96), tokenizer=tokenizer)
+    recorder = Recorder()
+    trainer = Trainer(
+        model=model, args=args(tmp_path), train_dataset=kto.prepare_dataset(rows),
+        eval_dataset=kto.prepare_dataset(rows[-8:], name="eval"), data_collator=kto.collator, callbacks=[recorder],
+    )
+    kto.attach(trainer)
+    trainer.train()
+    metrics = trainer.evaluate()
+    test_metrics = trainer.evaluate(metric_key_prefix="test")
+    assert KTO_KEYS <= set(recorder.logs[0])
+    assert {"eval_" + k for k in KTO_KEYS} <= set(metrics)
+    assert {"eval_" + k for k in KTO_KEYS} <= set(recorder.logs[-2])
+    assert {"test_" + k for k in KTO_KEYS} <= set(test_metrics)
+    assert metrics["eval_loss"] == pytest.approx(test_metrics["test_loss"])
+    assert metrics["eval_rewards/chosen"] == pytest.approx(test_metrics["test_rewards/chosen"])
+    assert not any(k.startswith("eval_") for k in trainer.state.log_history[0])
+
+
+def test_metrics_are_averaged_over_the_logging_interval(base_model, tokenizer, rows, tmp_path):
+    plugin_every, trainer_every = kto_trainer(copy.deepcopy(base_model), tokenizer, rows, tmp_path, max_steps=4)
+    plugin_pairs, trainer_pairs = kto_trainer(copy.deepcopy(base_model), tokenizer, rows, tmp_path, max_steps=4,
+                                              logging_steps=2)
+    plugin_every.attach(trainer_every)
+    plugin_pairs.attach(trainer_pairs)
+    trainer_every.train()
+    trainer_pairs.train()
+    single = [h for h in trainer_every.state.log_history if "loss" in h]
+    paired = [h for h in trainer_pairs.state.log_history if "loss" in h]
+    assert len(single) == 4 and len(paired) == 2
+    for key in ("kl", "rewards/chosen", "logps/rejected", "entropy"):
+        assert paired[1][key] == pytest.approx((single[2][key] + single[3][key]) / 2, rel=1e-5)
+    assert paired[1]["num_tokens"] == single[3]["num_tokens"]  # a running count, not averaged
+
+
+def _final_weights(trainer):
+    """All parameters of the trained model, flattened."""
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+
+@pytest.mark.parametrize("loss_type,steps", [("apo_zero_unpaired", 3), ("kto", 1)])
+def test_gradient_accumulation_equals_a_doubled_batch(loss_type, steps, base_model, tokenizer, rows, tmp_path):
+    # kto: one step, where policy == reference makes z0 = 0 in both runs; apo_zero_unpaired has no z0
+    common = dict(kto_kwargs={"loss_type": loss_type}, max_steps=steps, optim="sgd", learning_rate=0.5)
+    plugin_ga, ga = kto_trainer(copy.deepcopy(base_model), tokenizer, rows, tmp_path, gradient_accumulation_steps=2,
+                                per_device_train_batch_size=4, **common)
+    plugin_big, big = kto_trainer(copy.deepcopy(base_model), tokenizer, rows, tmp_path, per_device_train_batch_size=8,
+                                  **common)
+    plugin_ga.attach(ga)
+    plugin_big.attach(big)
+    ga.train()
+    big.train()
+    start = torch.cat([p.detach().flatten() for p in base_model.parameters()])
+    moved = (_final_weights(big) - start).abs().max().item()
+    assert moved > 1e-3  # the step did something
+    assert torch.allclose(_final_weights(ga), _final_weights(big), atol=1e-6, rtol=1e-5)
+    ga_loss = [h["loss"] for h in ga.state.log_history if "loss" in h]
+    big_loss = [h["loss"] for h in big.state.log_history if "loss" in h]
+    assert ga_loss == pytest.approx(big_loss, rel=1e-5)
