@@ -123,3 +123,23 @@ def test_choose_path_lm_head_adapter(model):
     peft_model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "lm_head"], r=2))
     path = choose_path(peft_model)
     assert not path.use_hidden and "not a plain nn.Linear" in path.reason
+
+
+def test_no_chunk_exceeds_the_budget(monkeypatch):
+    # the float32 logits of one chunk never exceed CHUNK_ELEMENTS, in the forward and the recomputing backward
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 4 * 1000)
+    seen = []
+    original = logprobs._project
+
+    def recording(hidden, weight, bias):
+        out = original(hidden, weight, bias)
+        seen.append(out.numel())
+        return out
+
+    monkeypatch.setattr(logprobs, "_project", recording)
+    head = nn.Linear(8, 1000)
+    hidden = torch.randn(2, 20, 8, requires_grad=True)
+    labels = torch.randint(0, 1000, (2, 20))
+    logps_from_hidden(hidden, head, labels).logps.sum().backward()
+    assert len(seen) == 2 * 10  # 38 scored tokens in chunks of 4: 10 forward + 10 backward chunks
+    assert max(seen) == 4 * 1000
