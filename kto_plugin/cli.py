@@ -1,8 +1,12 @@
-"""`kto-plugin`: the command line.
+"""`kto-plugin`: the command line, shaped like TRL's `examples/scripts/kto.py`.
 
-    kto-plugin train [--config file.yaml] [--model_name_or_path M] [--dataset_name D] [KTOConfig and
-                     TrainingArguments flags]     # with no model and no data: the embedded tiny default
+    kto-plugin train                      # the embedded tiny default: offline, about a minute on 2 CPU cores
+    kto-plugin train --model_name_or_path M --dataset_name D [--use_peft] [KTOConfig/TrainingArguments flags]
+    kto-plugin train --config run.yaml [--any_flag value]   # flags on the command line override the file
+    kto-plugin plot OUTPUT_DIR [--out file.png]
     kto-plugin --version
+
+`train` works unchanged under `accelerate launch` and `torchrun`.
 """
 
 from __future__ import annotations
@@ -20,34 +24,60 @@ from ._version import __version__
 logger = logging.getLogger("kto_plugin")
 
 DEMO_PAIRS = 300
+# The embedded default trains a tiny randomly initialised model, for which the paper's learning rates (made
+# for pretrained models) move nothing visible in a minute; these apply only when the flag is not given.
+DEMO_DEFAULTS = {
+    "learning_rate": 2e-4,
+    "num_train_epochs": 2.0,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8,
+    "logging_steps": 5,
+    "eval_steps": 20,
+    "max_length": 384,
+}
 
 
 @dataclass
 class ModelArguments:
-    """Which model to train. With no model named, a tiny Llama is built from a config (nothing downloaded)."""
+    """The policy (and optionally a separate reference). No model named: a tiny Llama built in code."""
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Hub id or local path of the policy. None: the embedded tiny model."}
     )
+    model_revision: str | None = field(default=None, metadata={"help": "Model revision (branch, tag, commit)."})
     ref_model_name_or_path: str | None = field(
         default=None, metadata={"help": "A separate reference model. None: the initial policy."}
     )
     dtype: str | None = field(
-        default=None, metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto."}
+        default=None, metadata={"help": "Weights dtype: auto, float32, bfloat16 or float16.",
+                                "choices": ["auto", "float32", "bfloat16", "float16"]}
     )
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, eager, flash_attention_2."})
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter (reference: the base model)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules to adapt, e.g. q_proj v_proj, or all-linear. None: PEFT's default.",
+                                "nargs": "+"}
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full besides the adapter.", "nargs": "+"}
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling."})
 
 
 @dataclass
 class DataArguments:
-    """Which data to train on. With no dataset named, the shipped HH-RLHF sample."""
+    """The data. No dataset named: the shipped HH-RLHF sample."""
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Hub dataset id, or a local .json/.jsonl/.csv/.parquet file or directory."},
+        metadata={"help": "Hub dataset id, a local .json/.jsonl/.csv/.parquet file, or a directory of them."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str | None = field(default=None, metadata={"help": "Split to evaluate on."})
+    dataset_test_split: str | None = field(default=None, metadata={"help": "Split to evaluate on (optional)."})
     demo_pairs: int = field(
         default=DEMO_PAIRS, metadata={"help": "Embedded default only: how many shipped HH-RLHF pairs to use."}
     )
@@ -56,12 +86,15 @@ class DataArguments:
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def _load_dataset(data_args: DataArguments) -> Any:
+def load_data(data_args: DataArguments) -> Any:
+    """A DatasetDict from a local file or directory, or from the Hub."""
     import datasets
 
     name = data_args.dataset_name
     ext = os.path.splitext(name)[1].lower()
-    if os.path.isfile(name) and ext in _LOCAL_FORMATS:
+    if os.path.isfile(name):
+        if ext not in _LOCAL_FORMATS:
+            raise SystemExit(f"kto-plugin train: {name!r} is not a .json, .jsonl, .csv or .parquet file.")
         return datasets.load_dataset(_LOCAL_FORMATS[ext], data_files=name)
     return datasets.load_dataset(name, data_args.dataset_config)
 
@@ -71,11 +104,20 @@ def _parser() -> Any:
 
     from .config import KTOConfig
 
-    return HfArgumentParser((ModelArguments, DataArguments, KTOConfig, TrainingArguments))
+    return HfArgumentParser(
+        (ModelArguments, DataArguments, KTOConfig, TrainingArguments),
+        prog="kto-plugin train",
+        description="KTO training on the stock Hugging Face Trainer. With no --model_name_or_path and no "
+        "--dataset_name it trains the embedded tiny default offline. Every KTOConfig and TrainingArguments "
+        "field is a flag.",
+    )
 
 
-def _parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, Any]:
+def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, Any, set[str]]:
+    """Parse flags (and a YAML --config); returns the four dataclasses and the names set explicitly."""
     parser = _parser()
+    argv = list(argv)
+    given: set[str] = set()
     if "--config" in argv:
         i = argv.index("--config")
         path = argv[i + 1] if i + 1 < len(argv) else None
@@ -85,77 +127,173 @@ def _parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, Any]:
 
         with open(path) as f:
             from_file = yaml.safe_load(f) or {}
-        rest = argv[:i] + argv[i + 2 :]
-        flags = [x for k, v in from_file.items() for x in (f"--{k}", json.dumps(v) if isinstance(v, (dict, list)) else str(v))]
-        argv = flags + rest  # command-line flags come last, so they override the file
-    if "--output_dir" not in argv:
-        argv = argv + ["--output_dir", "kto_output"]
-    return parser.parse_args_into_dataclasses(args=argv)
+        if not isinstance(from_file, dict):
+            raise SystemExit(f"kto-plugin train: {path} must be a mapping of flag names to values.")
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(from_file) - known)
+        if unknown:
+            raise SystemExit(f"kto-plugin train: unknown keys in {path}: {unknown}. Use the flag names of --help.")
+        parser.set_defaults(**from_file)
+        given |= set(from_file)
+        argv = argv[:i] + argv[i + 2 :]
+    given |= {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    if "output_dir" not in given:
+        argv += ["--output_dir", "kto_output"]
+    model_args, data_args, kto_config, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, kto_config, training_args, given
+
+
+def _apply_demo_defaults(given: set[str], kto_config: Any, training_args: Any) -> None:
+    for name, value in DEMO_DEFAULTS.items():
+        if name in given:
+            continue
+        target = kto_config if hasattr(kto_config, name) else training_args
+        setattr(target, name, value)
+    if "eval_strategy" not in given:
+        from transformers.trainer_utils import IntervalStrategy
+
+        training_args.eval_strategy = IntervalStrategy.STEPS
+    if "save_strategy" not in given:
+        from transformers.trainer_utils import SaveStrategy
+
+        training_args.save_strategy = SaveStrategy.NO
+    if "report_to" not in given:
+        training_args.report_to = []
+    kto_config.warn_guidance = "warn_guidance" in given and kto_config.warn_guidance
+
+
+def _load_model(model_args: ModelArguments, kto_config: Any, name: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    init = dict(kto_config.model_init_kwargs or {})
+    if model_args.dtype:
+        init["dtype"] = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
+    if model_args.attn_implementation:
+        init["attn_implementation"] = model_args.attn_implementation
+    if model_args.model_revision:
+        init["revision"] = model_args.model_revision
+    init.setdefault("trust_remote_code", kto_config.trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(name, **init)
+
+
+def _wrap_peft(model: Any, model_args: ModelArguments) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    target = model_args.lora_target_modules
+    if target == ["all-linear"]:
+        target = "all-linear"
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=target,
+        modules_to_save=model_args.lora_modules_to_save,
+        use_rslora=model_args.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
 
 
 def train(argv: list[str]) -> int:
     """Train with KTO; returns a process exit code."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+    from transformers import AutoTokenizer, Trainer
 
-    from . import demo
+    from . import demo, model_card
     from .plugin import KTOPlugin
 
-    model_args, data_args, kto_config, training_args = _parse_train_args(argv)
+    model_args, data_args, kto_config, training_args, given = parse_train_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    embedded = model_args.model_name_or_path is None and data_args.dataset_name is None
     if (model_args.model_name_or_path is None) != (data_args.dataset_name is None):
         raise SystemExit(
             "kto-plugin train: name both --model_name_or_path and --dataset_name, or neither (the embedded default)."
         )
+    embedded = model_args.model_name_or_path is None
     if embedded:
+        _apply_demo_defaults(given, kto_config, training_args)
         rows = demo.hh_unpaired_rows(data_args.demo_pairs)
         tokenizer = demo.build_tokenizer([r["prompt"] + r["completion"] for r in rows])
         model = demo.build_tiny_model(len(tokenizer), seed=training_args.seed)
         split = int(len(rows) * 0.9) // 2 * 2
         train_rows, eval_rows = rows[:split], rows[split:]
         ref_model = None
+        base_name = "embedded tiny Llama (hidden 64, 2 layers, built from a config)"
+        data_name = f"HH-RLHF harmless-base test, first {data_args.demo_pairs} pairs (shipped)"
+        print(f"kto-plugin: embedded default: {base_name}, {data_name}; demo learning rate "
+              f"{training_args.learning_rate:g} (a random tiny model needs a far higher rate than the paper's "
+              "guidance for pretrained models).")
     else:
-        init = dict(kto_config.model_init_kwargs or {})
-        if model_args.dtype:
-            init["dtype"] = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
-        init.setdefault("trust_remote_code", kto_config.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **init)
+        model = _load_model(model_args, kto_config, model_args.model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(
-            model_args.model_name_or_path, trust_remote_code=kto_config.trust_remote_code
+            model_args.model_name_or_path, revision=model_args.model_revision,
+            trust_remote_code=kto_config.trust_remote_code,
         )
         ref_model = (
-            AutoModelForCausalLM.from_pretrained(model_args.ref_model_name_or_path, **init)
-            if model_args.ref_model_name_or_path
-            else None
+            _load_model(model_args, kto_config, model_args.ref_model_name_or_path)
+            if model_args.ref_model_name_or_path else None
         )
-        raw = _load_dataset(data_args)
+        raw = load_data(data_args)
+        if data_args.dataset_train_split not in raw:
+            raise SystemExit(f"kto-plugin train: no split {data_args.dataset_train_split!r} in {data_args.dataset_name}"
+                             f" (it has {list(raw)}). Set --dataset_train_split.")
         train_rows = raw[data_args.dataset_train_split]
         eval_rows = raw[data_args.dataset_test_split] if data_args.dataset_test_split else None
+        base_name, data_name = model_args.model_name_or_path, data_args.dataset_name
+    if model_args.use_peft:
+        model = _wrap_peft(model, model_args)
+        if training_args.ddp_find_unused_parameters is None:
+            training_args.ddp_find_unused_parameters = False  # PeftModel is not a PreTrainedModel (DESIGN 3.12)
 
     kto = KTOPlugin(kto_config, tokenizer=tokenizer, ref_model=ref_model)
     train_ds = kto.prepare_dataset(train_rows, name="train")
     eval_ds = kto.prepare_dataset(eval_rows, name="eval") if eval_rows is not None else None
-    if eval_ds is not None and training_args.eval_strategy == "no":
-        training_args.eval_strategy = "epoch"
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=kto.collator,
-        processing_class=tokenizer,
-    )
+    if eval_ds is None:
+        from transformers.trainer_utils import IntervalStrategy
+
+        training_args.eval_strategy = IntervalStrategy.NO
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      data_collator=kto.collator, processing_class=tokenizer)
     kto.attach(trainer)
     trainer.train()
+    if eval_ds is not None:
+        trainer.evaluate()
     trainer.save_model(training_args.output_dir)
-    with open(os.path.join(training_args.output_dir, "kto_config.json"), "w") as f:
-        json.dump(kto_config.to_dict(), f, indent=2)
-    with open(os.path.join(training_args.output_dir, "log_history.json"), "w") as f:
-        json.dump(trainer.state.log_history, f, indent=2)
-    out = os.path.abspath(training_args.output_dir)
-    print(f"\nkto-plugin: done. Model, tokenizer, kto_config.json and log_history.json are in {out}")
+    if trainer.is_world_process_zero():
+        out = training_args.output_dir
+        trainer.save_state()
+        history = trainer.state.log_history
+        with open(os.path.join(out, "kto_config.json"), "w") as f:
+            json.dump(kto_config.to_dict(), f, indent=2)
+        with open(os.path.join(out, "training_args.json"), "w") as f:
+            f.write(training_args.to_json_string())
+        with open(os.path.join(out, "log_history.json"), "w") as f:
+            json.dump(history, f, indent=2)
+        with open(os.path.join(out, "README.md"), "w") as f:
+            f.write(model_card.render(base_name, data_name, kto_config.to_dict(), training_args.to_dict(), history,
+                                      kto.reference.describe() if kto.trainer else "initial policy"))
+        print(f"\nkto-plugin: done. Outputs in {os.path.abspath(out)}: the model"
+              f"{' adapter' if model_args.use_peft else ''} and tokenizer, README.md (model card with the final "
+              "metrics), kto_config.json, training_args.json, log_history.json. Plot the run: "
+              f"kto-plugin plot {out}")
     return 0
+
+
+def plot(argv: list[str]) -> int:
+    from .plot import plot_run
+
+    parser = argparse.ArgumentParser(prog="kto-plugin plot", description="Plot a KTO run's rewards, KL and loss.")
+    parser.add_argument("output_dir", help="a run's output directory (log_history.json or trainer_state.json)")
+    parser.add_argument("--out", default=None, help="PNG path (default: OUTPUT_DIR/kto_metrics.png)")
+    opts = parser.parse_args(argv)
+    try:
+        path = plot_run(opts.output_dir, opts.out)
+    except FileNotFoundError as err:
+        raise SystemExit(f"kto-plugin plot: {err}") from None
+    print(f"kto-plugin: wrote {path}")
+    return 0
+
+
+COMMANDS = {"train": train, "plot": plot}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,18 +301,18 @@ def main(argv: list[str] | None = None) -> int:
     top = argparse.ArgumentParser(
         prog="kto-plugin",
         description="KTO preference training on the stock Hugging Face Trainer.",
-        epilog="Run 'kto-plugin train --help' for every training flag.",
+        epilog="kto-plugin train --help lists every training flag (KTOConfig, TrainingArguments, model, data, "
+        "LoRA). With no flags, 'kto-plugin train' trains the embedded tiny default offline.",
     )
     top.add_argument("--version", action="version", version=f"kto-plugin {__version__}")
-    top.add_argument("command", choices=["train"], help="train: KTO training (no flags: the embedded tiny default)")
-    if not argv or argv[0] in ("-h", "--help", "--version"):
-        top.parse_args(argv)
-        return 0
-    command, rest = argv[0], argv[1:]
-    if command == "train":
-        return train(rest)
-    top.parse_args(argv)  # reports the unknown command
-    return 2
+    top.add_argument("command", choices=sorted(COMMANDS), help="train: KTO training; plot: curves of a run")
+    if not argv:
+        top.print_help()
+        return 2
+    if argv[0] not in COMMANDS:
+        top.parse_args(argv)  # --help, --version, or an error naming the valid commands
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":  # pragma: no cover

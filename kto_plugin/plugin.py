@@ -12,10 +12,11 @@ from .collator import KTOCollator
 from .compute_loss import KTOComputeLoss
 from .config import KTOConfig
 from .data import DataReport, _as_dataset, prepare_split
+from .guidance import Adviser, attach_advice, label_counts
 from .logprobs import choose_path
 from .metrics import KTOMetricsCallback, MetricsAccumulator
 from .plugin_manager import KTOPluginManager
-from .reference import ReferenceManager, disable_dropout
+from .reference import ReferenceManager, disable_dropout, is_peft_model
 
 logger = logging.getLogger("kto_plugin")
 
@@ -81,6 +82,7 @@ class KTOPlugin:
         self._saved: dict[str, Any] = {}
         self._callback: KTOMetricsCallback | None = None
         self._restore_dropout: list = []
+        self.adviser = Adviser()
 
     # --- data ---
 
@@ -155,16 +157,32 @@ class KTOPlugin:
         if self.config.disable_dropout:
             self._restore_dropout = disable_dropout(policy)
         self.trainer = trainer
+        counts = label_counts(trainer, self.data_reports)
+        self._log_summary(policy_path, counts)
+        if self.config.warn_guidance:
+            self.adviser.give(attach_advice(self.config, trainer, self.needs_kl, is_peft_model(policy), counts))
+        return trainer
+
+    def _log_summary(self, policy_path: Any, counts: tuple[int, int] | None) -> None:
+        c = self.config
+        data = (
+            f"{counts[0]} desirable (weight {c.desirable_weight}) / {counts[1]} undesirable (weight "
+            f"{c.undesirable_weight})" if counts is not None else "label counts unknown"
+        )
+        third_party = [(n, src) for n, src in self.plugins.describe() if src != "built-in"]
         logger.info(
-            "kto_plugin: attached (loss=%s, reference=%s, KL pass=%s, log-probs from %s%s; plugins: %s)",
-            self.config.loss_type,
+            "kto_plugin: attached: loss=%s beta=%s | reference: %s | KL pass: %s | %s | log-probs from %s%s | "
+            "%d third-party plugin(s)%s",
+            c.loss_type,
+            c.beta,
             self.reference.describe(),
             "on" if self.needs_kl else "off",
+            data,
             policy_path.name,
-            f" because {policy_path.reason}" if policy_path.reason else "",
-            ", ".join(f"{n} [{src}]" for n, src in self.plugins.describe()),
+            f" ({policy_path.reason})" if policy_path.reason else "",
+            len(third_party),
+            (": " + ", ".join(f"{n} [{src}]" for n, src in third_party)) if third_party else "",
         )
-        return trainer
 
     def detach(self) -> None:
         """Restore the trainer exactly as it was before `attach()`."""

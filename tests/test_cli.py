@@ -1,14 +1,18 @@
-"""The `kto-plugin` command line, run in-process with short settings."""
+"""The `kto-plugin` command line, run in-process with short settings (offline: local model and data)."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 
 from kto_plugin import __version__
 from kto_plugin.cli import main
+
+FAST = ["--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--report_to", "none",
+        "--use_cpu", "true", "--max_length", "128"]
 
 
 def test_version(capsys):
@@ -18,18 +22,31 @@ def test_version(capsys):
     assert __version__ in capsys.readouterr().out
 
 
+def test_help_is_readable(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model_name_or_path", "--dataset_name", "--beta", "--loss_type", "--use_peft", "--lora_r",
+                 "--learning_rate", "--max_length"):
+        assert flag in text
+    assert main([]) == 2  # no command: the top-level help
+
+
 def test_train_embedded_default(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", "--demo_pairs", "24", "--max_steps", "3", "--per_device_train_batch_size", "4",
-                 "--logging_steps", "1", "--output_dir", str(out), "--report_to", "none", "--use_cpu", "true",
-                 "--max_length", "128", "--eval_strategy", "no"])
+    code = main(["train", "--demo_pairs", "24", "--eval_strategy", "no", "--output_dir", str(out), *FAST])
     assert code == 0
-    assert str(out) in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert str(out.resolve()) in printed and "kto-plugin plot" in printed
     history = json.loads((out / "log_history.json").read_text())
     steps = [h for h in history if "loss" in h]
     assert len(steps) == 3 and "rewards/margins" in steps[0]
     assert json.loads((out / "kto_config.json").read_text())["max_length"] == 128
-    assert os.path.exists(out / "model.safetensors") and os.path.exists(out / "tokenizer.json")
+    assert json.loads((out / "training_args.json").read_text())["max_steps"] == 3
+    for name in ("model.safetensors", "tokenizer.json", "trainer_state.json"):
+        assert os.path.exists(out / name), name
+    card = (out / "README.md").read_text()
+    assert "| rewards/margins |" in card and "ethayarajh2024kto" in card and "| beta | 0.1 |" in card
 
 
 def test_train_config_file_and_override(tmp_path):
@@ -42,6 +59,52 @@ def test_train_config_file_and_override(tmp_path):
     assert saved["beta"] == 0.5 and saved["loss_type"] == "apo_zero_unpaired"
 
 
+def test_unknown_config_key_is_refused(tmp_path):
+    config = tmp_path / "kto.yaml"
+    config.write_text("betta: 0.2\n")
+    with pytest.raises(SystemExit, match=r"unknown keys.*'betta'"):
+        main(["train", "--config", str(config)])
+
+
+def test_named_local_model_and_jsonl_data_with_lora(tmp_path, base_model, tokenizer, rows):
+    model_dir = tmp_path / "model"
+    base_model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows[:24]))
+    out = tmp_path / "run"
+    code = main(["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--use_peft",
+                 "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "--output_dir", str(out), *FAST])
+    assert code == 0
+    assert os.path.exists(out / "adapter_config.json") and not os.path.exists(out / "model.safetensors")
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    card = (out / "README.md").read_text()
+    assert "adapter disabled" in card  # the null reference
+
+
 def test_model_without_data_is_refused():
     with pytest.raises(SystemExit, match="name both"):
         main(["train", "--model_name_or_path", "x", "--output_dir", "unused"])
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")  # the `plot` extra; installed with `dev`, so this runs in CI
+    out = tmp_path / "run"
+    main(["train", "--demo_pairs", "24", "--output_dir", str(out), *FAST, "--eval_strategy", "steps",
+          "--eval_steps", "2"])
+    assert main(["plot", str(out)]) == 0
+    png = out / "kto_metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
+    (tmp_path / "log_history.json").write_text(json.dumps([{"step": 1, "loss": 0.5}]))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    with pytest.raises(SystemExit, match=r"pip install 'kto_plugin\[plot\]'"):
+        main(["plot", str(tmp_path)])
+
+
+def test_plot_of_a_directory_without_logs(tmp_path):
+    with pytest.raises(SystemExit, match="No log history"):
+        main(["plot", str(tmp_path)])
