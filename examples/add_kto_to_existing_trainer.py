@@ -29,7 +29,7 @@ def main() -> None:
         per_device_train_batch_size=8,
         learning_rate=1e-4,
         max_steps=opts.max_steps,
-        logging_steps=min(10, opts.max_steps),
+        logging_steps=max(1, opts.max_steps // 4),
         report_to="none",
         save_strategy="no",
     )

@@ -31,7 +31,7 @@ def main() -> None:
     trainer = Trainer(
         model=model,
         args=TrainingArguments(output_dir=opts.output_dir, per_device_train_batch_size=8, learning_rate=1e-3,
-                               max_steps=opts.max_steps, logging_steps=min(10, opts.max_steps), report_to="none",
+                               max_steps=opts.max_steps, logging_steps=max(1, opts.max_steps // 4), report_to="none",
                                save_strategy="no", ddp_find_unused_parameters=False),
         train_dataset=kto.prepare_dataset(rows),
         data_collator=kto.collator,
