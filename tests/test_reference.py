@@ -217,6 +217,9 @@ def _observe(model):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_reference_context_invariants(variant, base_model, tokenizer, rows, tmp_path):
     policy, plugin_kwargs, config_kwargs, expected_model = _variant(variant, base_model, tmp_path)
+    # custom freezing that peft's own switches would undo (they set requires_grad of a whole adapter)
+    frozen = next(p for n, p in policy.named_parameters() if "lora_A" in n and p.requires_grad)
+    frozen.requires_grad_(False)
     kto, trainer = kto_trainer(policy, tokenizer, rows, tmp_path, kto_kwargs=config_kwargs,
                                plugin_kwargs=plugin_kwargs)
     kto.attach(trainer)
@@ -248,6 +251,7 @@ def test_reference_context_invariants(variant, base_model, tokenizer, rows, tmp_
             raise RuntimeError("body failed")
     assert _observe(policy) == before
     assert torch.equal(logits(policy), policy_out)
+    assert not frozen.requires_grad
 
 
 @pytest.mark.parametrize("variant", ["peft-null", "peft-copy", "peft-named", "integration-copy"])
