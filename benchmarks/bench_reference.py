@@ -4,9 +4,9 @@ Every (case, side) runs in its own fresh process, so one peak cannot hide anothe
 tokenizer, rows and policy, notes its RSS ("baseline": Python, torch, the data and the policy, no reference),
 builds the reference and the trainer (for precompute: the pass over the data), runs one optimizer step (AdamW)
 and reports its peak RSS (`ru_maxrss`). Large blocks are served by mmap and returned on free
-(``MALLOC_MMAP_THRESHOLD_``), so the peak is live memory and repeats agree to 1 MiB. Same model for all: Llama from a config, hidden 256, 4 layers, vocab
-32,000 (18.7 M parameters, 71 MiB in float32), per-device batch 8, HH-RLHF dialogues of 240-400 tokens, fp32,
-2 CPU threads.
+(``MALLOC_MMAP_THRESHOLD_``), so the peak is live memory and repeats agree to 1 MiB. Same model for all: Llama
+from a config, hidden 256, 4 layers, vocab 32,000 (18.7 M parameters, 71 MiB in float32), per-device batch 8,
+HH-RLHF dialogues of 240-400 tokens, fp32, 2 CPU threads.
 
     python benchmarks/bench_reference.py [--threads 2] [--cases 1,2,3,4,7] [--no-trl]
 
@@ -21,7 +21,6 @@ Cases (issue #4's numbering):
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import resource
@@ -65,8 +64,13 @@ def _rows(tok, n):
 def _lora(trained: bool):
     from peft import LoraConfig
 
-    return LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                      init_lora_weights=not trained)
+    return LoraConfig(
+        r=16,
+        lora_alpha=32,
+        target_modules=["q_proj", "v_proj"],
+        lora_dropout=0.0,
+        init_lora_weights=not trained,
+    )
 
 
 def child(case: str, side: str, threads: int) -> dict:
@@ -102,35 +106,69 @@ def child(case: str, side: str, threads: int) -> dict:
     if case == "4":
         torch.manual_seed(0)
         model = get_peft_model(model, _lora(True))
-    args = dict(output_dir=out, per_device_train_batch_size=BATCH, max_steps=1, report_to="none", use_cpu=True,
-                save_strategy="no", train_sampling_strategy="sequential", learning_rate=1e-6, disable_tqdm=True,
-                dataloader_pin_memory=False, seed=0)
+    args = dict(
+        output_dir=out,
+        per_device_train_batch_size=BATCH,
+        max_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        train_sampling_strategy="sequential",
+        learning_rate=1e-6,
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        seed=0,
+    )
     precompute = case == "7"
     start = time.perf_counter()
     if side == "ours":
-        kto = KTOPlugin(KTOConfig(max_length=MAX_LENGTH, precompute_ref_log_probs=precompute,
-                                  precompute_cache=False), tokenizer=tok, ref_model=ref_model)
-        trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=kto.prepare_dataset(rows),
-                          data_collator=kto.collator)
+        kto = KTOPlugin(
+            KTOConfig(max_length=MAX_LENGTH, precompute_ref_log_probs=precompute, precompute_cache=False),
+            tokenizer=tok,
+            ref_model=ref_model,
+        )
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**args),
+            train_dataset=kto.prepare_dataset(rows),
+            data_collator=kto.collator,
+        )
         kto.attach(trainer)
         reference = kto.reference.describe()
     else:
         from trl import KTOConfig as TRLKTOConfig
         from trl import KTOTrainer
 
-        trainer = KTOTrainer(model=model, ref_model=ref_model, peft_config=peft_config, processing_class=tok,
-                             args=TRLKTOConfig(**args, max_length=MAX_LENGTH, precompute_ref_log_probs=precompute,
-                                               gradient_checkpointing=False),
-                             train_dataset=Dataset.from_list(rows))
+        trainer = KTOTrainer(
+            model=model,
+            ref_model=ref_model,
+            peft_config=peft_config,
+            processing_class=tok,
+            args=TRLKTOConfig(
+                **args,
+                max_length=MAX_LENGTH,
+                precompute_ref_log_probs=precompute,
+                gradient_checkpointing=False,
+            ),
+            train_dataset=Dataset.from_list(rows),
+        )
         reference = "ref_model" if trainer.ref_model is not None else "none (adapter / precomputed)"
     del ref_model
     trainer.train()
-    return {"case": case, "side": side, "baseline_mb": baseline, "peak_mb": _peak_mb(),
-            "seconds": time.perf_counter() - start, "reference": reference}
+    return {
+        "case": case,
+        "side": side,
+        "baseline_mb": baseline,
+        "peak_mb": _peak_mb(),
+        "seconds": time.perf_counter() - start,
+        "reference": reference,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--no-trl", action="store_true")
@@ -146,8 +184,20 @@ def main() -> None:
     results = {}
     for case in opts.cases.split(","):
         for side in sides:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", case, side,
-                                   "--threads", str(opts.threads)], capture_output=True, text=True, env=env)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--child",
+                    case,
+                    side,
+                    "--threads",
+                    str(opts.threads),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             if proc.returncode != 0:
                 raise SystemExit(f"case {case} ({side}) failed:\n{proc.stderr[-4000:]}")
             results[case, side] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -162,8 +212,10 @@ def main() -> None:
     print(rule)
     for case in opts.cases.split(","):
         ours = results[case, "ours"]
-        line = (f"| {case} | {CASES[case]} | {ours['peak_mb']:.0f} | "
-                f"{ours['peak_mb'] - ours['baseline_mb']:.0f} |")
+        line = (
+            f"| {case} | {CASES[case]} | {ours['peak_mb']:.0f} | "
+            f"{ours['peak_mb'] - ours['baseline_mb']:.0f} |"
+        )
         if not opts.no_trl:
             trl = results[case, "trl"]
             ours_over, trl_over = ours["peak_mb"] - ours["baseline_mb"], trl["peak_mb"] - trl["baseline_mb"]

@@ -7,12 +7,12 @@ Two hosts carry adapters:
 * a transformers `PreTrainedModel` whose adapters were injected by transformers' PEFT integration
   (``model.load_adapter(path)``), with no `PeftModel` wrapper. transformers 5.24's ``disable_adapters()``,
   ``enable_adapters()``, ``set_adapter()`` and ``active_adapters()`` refuse any peft older than 0.22, and the
-  newest peft released today is 0.21.2, so they cannot be called on this stack. They only loop over peft's tuner
-  layers (`BaseTunerLayer`, `AuxiliaryTrainingWrapper`) calling the layers' own public ``enable_adapters`` /
-  ``set_adapter``; we do the same loop, and restore every layer's exact state on exit.
+  newest peft released today is 0.21.2, so they cannot be called on this stack. They only loop over peft's
+  tuner layers (`BaseTunerLayer`, `AuxiliaryTrainingWrapper`) calling the layers' own public
+  ``enable_adapters`` / ``set_adapter``; we do the same loop, and restore every layer's exact state on exit.
 
-Every switch here changes ``requires_grad`` of adapter weights as a side effect (peft's layers do that); callers
-wrap them in `kto_plugin.reference.preserved_state`, which restores every flag.
+Every switch here changes ``requires_grad`` of adapter weights as a side effect (peft's layers do that);
+callers wrap them in `kto_plugin.reference.preserved_state`, which restores every flag.
 """
 
 from __future__ import annotations
@@ -97,7 +97,9 @@ class AdapterHost:
 
     def is_prompt_learning(self, name: str) -> bool:
         config = self.config(name)
-        return bool(getattr(config, "is_prompt_learning", False) or getattr(config, "is_adaption_prompt", False))
+        return bool(
+            getattr(config, "is_prompt_learning", False) or getattr(config, "is_adaption_prompt", False)
+        )
 
     def parameters_of(self, name: str) -> dict[str, nn.Parameter]:
         """The parameters that belong to adapter `name`, by qualified name (`...lora_A.<name>.weight`)."""
@@ -110,8 +112,8 @@ class AdapterHost:
         """Whether adapter `name` provably leaves every output unchanged, and why (or why not).
 
         Proven only for plain LoRA: every adapted layer has an all-zero ``lora_B`` or ``lora_A`` (a fresh
-        ``get_peft_model`` adapter), no DoRA, no bias, no modules_to_save or trainable tokens. Anything else counts
-        as changing the output.
+        ``get_peft_model`` adapter), no DoRA, no bias, no modules_to_save or trainable tokens. Anything else
+        counts as changing the output.
         """
         from peft.tuners.lora import LoraLayer
 
@@ -141,7 +143,10 @@ class AdapterHost:
             for a, b in halves:
                 seen += 1
                 if not (_all_zero(b) or _all_zero(a)):
-                    return False, "its LoRA weights are not zero (it was trained or initialised non-trivially)"
+                    return (
+                        False,
+                        "its LoRA weights are not zero (it was trained or initialised non-trivially)",
+                    )
         if seen == 0:
             return False, "no LoRA layer holds it"
         return True, "every LoRA update B @ A is zero"
@@ -162,7 +167,8 @@ class AdapterHost:
 
     @contextlib.contextmanager
     def switched(self, name: str) -> Iterator[None]:
-        """Run with adapter `name` active instead of the policy's; the previous adapter is active again on exit."""
+        """Run with adapter `name` active instead of the policy's; the previous adapter is active again on
+        exit."""
         if self.kind == "peft":
             previous = self.model.active_adapter
             self.model.set_adapter(name, inference_mode=True)
@@ -178,7 +184,9 @@ class AdapterHost:
 
     @contextlib.contextmanager
     def _layer_state_restored(self) -> Iterator[None]:
-        states = [(layer, list(layer.active_adapters), bool(layer.disable_adapters)) for layer in self.layers()]
+        states = [
+            (layer, list(layer.active_adapters), bool(layer.disable_adapters)) for layer in self.layers()
+        ]
         try:
             yield
         finally:
@@ -191,8 +199,8 @@ class AdapterHost:
     def copy_adapter(self, source: str, target: str) -> None:
         """Add adapter `target` as a frozen, bit-identical copy of adapter `source`.
 
-        The copy has the source's config (with ``inference_mode=True``) and the source's exact weights, dtypes and
-        devices; the active adapter and every existing `requires_grad` flag are unchanged afterwards.
+        The copy has the source's config (with ``inference_mode=True``) and the source's exact weights, dtypes
+        and devices; the active adapter and every existing `requires_grad` flag are unchanged afterwards.
         """
         if target in self.names:
             raise ValueError(f"The model already has an adapter named {target!r}.")
@@ -216,8 +224,8 @@ class AdapterHost:
             self.delete_adapter(target)
             raise RuntimeError(
                 f"Copying adapter {source!r} to {target!r} produced parameters that do not match one to one "
-                f"({len(sources)} vs {len(targets)}); this adapter type cannot be copied. Pass ref_model=, or "
-                "peft_reference='base'."
+                f"({len(sources)} vs {len(targets)}); this adapter type cannot be copied. Pass ref_model=, "
+                "or peft_reference='base'."
             )
         with torch.no_grad():
             for name, param in sources.items():
@@ -230,8 +238,8 @@ class AdapterHost:
         if self.kind == "peft":
             self.model.delete_adapter(name)
             return
-        from peft.tuners.tuners_utils import delete_adapter
         from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+        from peft.tuners.tuners_utils import delete_adapter
 
         prefix = PEFT_TYPE_TO_PREFIX_MAPPING[self.config(name).peft_type]
         with self._layer_state_restored_without(name):
@@ -240,8 +248,10 @@ class AdapterHost:
 
     @contextlib.contextmanager
     def _layer_state_restored_without(self, name: str) -> Iterator[None]:
-        states = [(layer, [a for a in layer.active_adapters if a != name], bool(layer.disable_adapters))
-                  for layer in self.layers()]
+        states = [
+            (layer, [a for a in layer.active_adapters if a != name], bool(layer.disable_adapters))
+            for layer in self.layers()
+        ]
         grads = [(p, p.requires_grad) for p in self.model.parameters()]
         yield
         alive = {id(p) for p in self.model.parameters()}

@@ -27,9 +27,9 @@ class KTOLabels(dict):
 def float32_as_bits(values: Sequence[float]) -> torch.Tensor:
     """float32 values carried as their int32 bit patterns.
 
-    Under DeepSpeed the Trainer casts every floating-point tensor of a batch (labels included) to the DeepSpeed
-    dtype; in bfloat16 a log-prob of -200 keeps 3 significant digits. Integers pass untouched, so precomputed
-    reference log-probs travel as bits and `bits_as_float32` restores them exactly.
+    Under DeepSpeed the Trainer casts every floating-point tensor of a batch (labels included) to the
+    DeepSpeed dtype; in bfloat16 a log-prob of -200 keeps 3 significant digits. Integers pass untouched, so
+    precomputed reference log-probs travel as bits and `bits_as_float32` restores them exactly.
 
     >>> bits_as_float32(float32_as_bits([-1.5, 2.0])).tolist()
     [-1.5, 2.0]
@@ -76,8 +76,9 @@ class KTOCollator:
     mismatch. Rows that carry a ``kl_completion_ids`` column (a fixed partner stored by the precompute pass,
     see `kto_plugin.precompute`) are paired with that completion instead, so the pair scored by the policy
     is the one whose reference log-prob was precomputed, whatever the sampler. Precomputed ``ref_logps`` and
-    ``ref_kl_logps`` columns travel as float32 bit patterns (`float32_as_bits`). Rows are cut to `max_length` keeping the start (TRL 1.16); with
-    ``truncation_mode="keep_end"`` the end of the prompt and the whole completion are kept instead.
+    ``ref_kl_logps`` columns travel as float32 bit patterns (`float32_as_bits`). Rows are cut to
+    `max_length` keeping the start (TRL 1.16); with ``truncation_mode="keep_end"`` the end of the prompt and
+    the whole completion are kept instead.
 
     Worked example (pad 0, no max_length)::
 

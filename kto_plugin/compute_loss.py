@@ -121,9 +121,9 @@ class KTOComputeLoss:
                 reference_logps = bits_as_float32(labels["ref_logps_bits"])
                 if self.needs_kl and "ref_kl_logps_bits" not in labels:
                     raise ValueError(
-                        f"Precomputed reference log-probs lack 'ref_kl_logps' for loss_type={self.config.loss_type!r}, "
-                        "which needs the KL term: precompute with that loss type (the column is computed only when "
-                        "the loss needs it)."
+                        "Precomputed reference log-probs lack 'ref_kl_logps' for "
+                        f"loss_type={self.config.loss_type!r}, which needs the KL term: precompute with that "
+                        "loss type (the column is computed only when the loss needs it)."
                     )
                 if self.needs_kl:
                     reference_kl = bits_as_float32(labels["ref_kl_logps_bits"])
@@ -132,7 +132,7 @@ class KTOComputeLoss:
         return reference_logps, policy_kl, reference_kl
 
     def reference_logps(self, trainer: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The reference's summed log-probs of the target batch (B,) and, when KL is needed, of the KL batch (B,).
+        """The reference's summed log-probs of the target batch (B,) and, for KL, of the KL batch (B,).
 
         Call under `torch.no_grad()`; `labels` is a collated `KTOLabels` on the device. Also used by the
         precompute pass, so precomputed and live reference log-probs come from the same code.
@@ -141,7 +141,8 @@ class KTOComputeLoss:
         with self.reference.activate(trainer) as ref_module:
             ref_head = lm_head_of(trainer.accelerator.unwrap_model(ref_module))
             reference_logps = self.reference_path.forward(
-                ref_module, ref_head, labels["input_ids"], labels["attention_mask"], labels["completion_labels"]
+                ref_module, ref_head, labels["input_ids"], labels["attention_mask"],
+                labels["completion_labels"],
             ).logps
             if self.needs_kl:
                 reference_kl = self.reference_path.forward(

@@ -94,21 +94,24 @@ class KTOConfig:
     precompute_cache: bool = field(
         default=True,
         metadata={
-            "help": "Cache precomputed reference log-probs on disk, keyed by dataset content, reference weights and "
-            "settings, and reuse them in later runs."
+            "help": "Cache precomputed reference log-probs on disk, keyed by dataset content, reference "
+            "weights and settings, and reuse them in later runs."
         },
     )
     precompute_cache_dir: str | None = field(
         default=None,
-        metadata={"help": "Directory of that cache. None: $KTO_PLUGIN_CACHE/ref_logps or ~/.cache/kto_plugin/ref_logps."},
+        metadata={
+            "help": "Directory of that cache. None: $KTO_PLUGIN_CACHE/ref_logps, else "
+            "~/.cache/kto_plugin/ref_logps."
+        },
     )
     peft_reference: str = field(
         default="auto",
         metadata={
-            "help": "Reference of a PEFT policy given no ref_model, no ref_adapter_name and no adapter named 'ref': "
-            "'auto' (the initial policy: the base model when the adapter is still a no-op, e.g. a fresh LoRA, else "
-            "a frozen copy of the adapter named 'ref'), 'initial_adapter' (always that copy, as TRL 1.16 does for a "
-            "PeftModel) or 'base' (always the base model with adapters off).",
+            "help": "Reference of a PEFT policy given no ref_model, no ref_adapter_name and no adapter "
+            "named 'ref': 'auto' (the initial policy: the base model when the adapter is still a no-op, "
+            "e.g. a fresh LoRA, else a frozen copy of the adapter named 'ref'), 'initial_adapter' (always "
+            "that copy, as TRL 1.16 does for a PeftModel) or 'base' (always the base model, adapters off).",
             "choices": list(PEFT_REFERENCES),
         },
     )

@@ -38,8 +38,9 @@ class KTOPlugin:
     Args:
         config: KTO settings; default `KTOConfig()`.
         tokenizer: the policy's tokenizer (its pad token pads batches; EOS ends plain-text completions).
-        ref_model: a separate reference model. None: a frozen copy of the initial policy, or for a PEFT
-            model the base model with the adapter off (or the adapter named by `ref_adapter_name`).
+        ref_model: a separate reference model. None: the initial policy: a frozen copy of a plain model; for a
+            PEFT model the base model with the adapter off, or a frozen copy of an already-trained adapter
+            (`KTOConfig.peft_reference`); with `precompute_ref_log_probs`, no reference model at all.
         ref_adapter_name: a PEFT adapter of the policy to use as the reference (an adapter named ``"ref"``
             is used by convention when present).
         plugins: extra pluggy plugins (objects or modules with `@kto_plugin.hookimpl` hooks).
@@ -217,14 +218,17 @@ class KTOPlugin:
         """`dataset` with precomputed reference log-probs (``ref_logps``, and for KL ``kl_completion_ids``,
         ``ref_kl_logps``), from the attached reference; cached like the datasets precomputed at `attach()`.
 
-        Use it for a dataset you pass later, e.g. ``trainer.evaluate(eval_dataset=kto.precompute_reference(ds))``.
-        KL partners are grouped by ``per_device_eval_batch_size`` (``per_device_train_batch_size`` if `train`).
-        A separate reference model is released after `attach()`'s pass, and the initial policy is gone after the
-        first training step; an adapter reference is always available.
+        Use it for a dataset you pass later:
+        ``trainer.evaluate(eval_dataset=kto.precompute_reference(ds))``. KL partners are grouped by
+        ``per_device_eval_batch_size`` (``per_device_train_batch_size`` if `train`). A separate reference
+        model is released after `attach()`'s pass, and the initial policy is gone after the first training
+        step; an adapter reference is always available.
         """
         trainer = self.trainer
         if trainer is None:
-            raise RuntimeError("precompute_reference needs an attached trainer: call kto.attach(trainer) first.")
+            raise RuntimeError(
+                "precompute_reference needs an attached trainer: call kto.attach(trainer) first."
+            )
         self._check_precomputable(dataset, name)
         args = trainer.args
         group = args.per_device_train_batch_size if train else args.per_device_eval_batch_size
@@ -239,8 +243,9 @@ class KTOPlugin:
     def _make_precomputer(self, trainer: Any) -> ReferencePrecomputer:
         if self.reference.mode == "released":
             raise ValueError(
-                "The reference model was released after attach()'s precompute pass (precompute_ref_log_probs=True). "
-                "Pass every dataset to the Trainer before kto.attach(trainer) so it is precomputed then."
+                "The reference model was released after attach()'s precompute pass "
+                "(precompute_ref_log_probs=True). Pass every dataset to the Trainer before "
+                "kto.attach(trainer) so it is precomputed then."
             )
         config = self.config
         cache_dir = (config.precompute_cache_dir or default_cache_dir()) if config.precompute_cache else None
@@ -275,17 +280,19 @@ class KTOPlugin:
     def _check_precomputable(self, dataset: Any, name: str) -> None:
         if isinstance(dataset, datasets.IterableDataset):
             raise ValueError(
-                f"precompute_ref_log_probs=True cannot precompute the {name} dataset: it is an IterableDataset. "
-                "Precomputation runs the reference over every row once before training and stores the results as "
-                "columns of the dataset (cached on disk by its content), which needs a map-style dataset whose rows "
-                "can be counted, indexed and extended; a stream has none of that. Materialise it (e.g. "
-                "datasets.Dataset.from_generator(...) or load_dataset(..., streaming=False)), or set "
-                "precompute_ref_log_probs=False to compute reference log-probs on the fly."
+                f"precompute_ref_log_probs=True cannot precompute the {name} dataset: it is an "
+                "IterableDataset. Precomputation runs the reference over every row once before training and "
+                "stores the results as columns of the dataset (cached on disk by its content), which needs a "
+                "map-style dataset whose rows can be counted, indexed and extended; a stream has none of "
+                "that. Materialise it (e.g. datasets.Dataset.from_generator(...) or load_dataset(..., "
+                "streaming=False)), or set precompute_ref_log_probs=False to compute reference log-probs on "
+                "the fly."
             )
         if not isinstance(dataset, datasets.Dataset):
             raise TypeError(
-                f"precompute_ref_log_probs=True needs the {name} dataset as a datasets.Dataset (it adds columns), "
-                f"got {type(dataset).__name__}. Use kto.prepare_dataset(...), or datasets.Dataset.from_list(rows)."
+                f"precompute_ref_log_probs=True needs the {name} dataset as a datasets.Dataset (it adds "
+                f"columns), got {type(dataset).__name__}. Use kto.prepare_dataset(...), or "
+                "datasets.Dataset.from_list(rows)."
             )
         missing = [c for c in ("prompt_ids", "completion_ids", "label") if c not in dataset.column_names]
         if missing:
@@ -319,9 +326,10 @@ class KTOPlugin:
         kind = sharding_of(trainer)
         if kind in ("fsdp", "deepspeed3"):
             raise NotImplementedError(
-                f"precompute_ref_log_probs=True under {'FSDP' if kind == 'fsdp' else 'DeepSpeed ZeRO-3'} is not "
-                "supported in this version: at attach() the policy is not yet sharded and placed, so the pass cannot "
-                "run there. Use a PEFT model (its null reference costs no memory), or DeepSpeed ZeRO-1/2 / DDP."
+                f"precompute_ref_log_probs=True under {'FSDP' if kind == 'fsdp' else 'DeepSpeed ZeRO-3'} "
+                "is not supported in this version: at attach() the policy is not yet sharded and placed, so "
+                "the pass cannot run there. Use a PEFT model (its null reference costs no memory), or "
+                "DeepSpeed ZeRO-1/2 / DDP."
             )
         splits = {"train": trainer.train_dataset}
         if isinstance(trainer.eval_dataset, dict):

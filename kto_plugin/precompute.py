@@ -1,4 +1,5 @@
-"""Precomputed reference log-probs (`precompute_ref_log_probs=True`): one pass before training, then no reference.
+"""Precomputed reference log-probs (`precompute_ref_log_probs=True`): one pass before training, then no
+reference.
 
 For every row the pass stores three columns:
 
@@ -8,14 +9,14 @@ For every row the pass stores three columns:
 
 **Why a fixed partner.** z0 pairs each prompt with another row's completion. Without precomputation the
 collator pairs within each batch (prompt i with completion i - 1), which is only known once the sampler has
-drawn the batch; a precompute pass cannot know it under shuffling, and TRL 1.16 therefore requires a sequential
-sampler. Here the pairing is decided at precompute time and stored with the row, and the collator uses the
-stored partner completion whenever a row carries one, so the policy's KL pass at train time scores exactly the
-pair whose reference log-prob was stored, whatever the sampler or the number of processes.
+drawn the batch; a precompute pass cannot know it under shuffling, and TRL 1.16 therefore requires a
+sequential sampler. Here the pairing is decided at precompute time and stored with the row, and the collator
+uses the stored partner completion whenever a row carries one, so the policy's KL pass at train time scores
+exactly the pair whose reference log-prob was stored, whatever the sampler or the number of processes.
 
 The partner of row i is TRL's pairing: the previous row within consecutive groups of
-``per_device_{train,eval}_batch_size`` rows, the first row of a group taking the group's last (a trailing group
-of one row is paired with the row before it). Under a sequential sampler these are exactly the pairs the
+``per_device_{train,eval}_batch_size`` rows, the first row of a group taking the group's last (a trailing
+group of one row is paired with the row before it). Under a sequential sampler these are exactly the pairs the
 rotating collator builds, so the numbers equal TRL's precomputed ones.
 
 **Cache.** The three columns (as partner indices) are stored under ``precompute_cache_dir``, keyed by a
@@ -68,7 +69,8 @@ def kl_partners(num_rows: int, group_size: int) -> np.ndarray:
 
 
 def dataset_fingerprint(dataset: Any) -> str:
-    """sha256 of the rows' token ids and labels, in order (content, not `_fingerprint`, so it survives any map)."""
+    """sha256 of the rows' token ids and labels, in order (content, not `_fingerprint`, so it survives any
+    map)."""
     import pyarrow.compute as pc
 
     h = hashlib.sha256()
@@ -82,7 +84,9 @@ def dataset_fingerprint(dataset: Any) -> str:
             if column == "label":
                 h.update(np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.uint8).tobytes())
                 continue
-            h.update(np.asarray(pc.list_value_length(values).to_numpy(zero_copy_only=False), np.int64).tobytes())
+            h.update(
+                np.asarray(pc.list_value_length(values).to_numpy(zero_copy_only=False), np.int64).tobytes()
+            )
             h.update(np.asarray(values.flatten().to_numpy(zero_copy_only=False), dtype=np.int64).tobytes())
     return h.hexdigest()
 
@@ -140,7 +144,9 @@ class RefLogpsCache:
 
 
 def cache_key(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True).encode()).hexdigest()[:40]
+    return hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True).encode()).hexdigest()[
+        :40
+    ]
 
 
 def _batches(num_rows: int, batch_size: int) -> list[range]:
@@ -169,18 +175,31 @@ def compute_reference_logps(
     per_rank = -(-len(batches) // world)
     mine = batches[rank::world]
     mine = mine + [mine[-1] if mine else batches[-1]] * (per_rank - len(mine))  # repeats are dropped below
-    columns = [c for c in ("prompt_ids", "completion_ids", "label", "kl_completion_ids") if c in dataset.column_names]
+    columns = [
+        c for c in ("prompt_ids", "completion_ids", "label", "kl_completion_ids") if c in dataset.column_names
+    ]
     source = dataset.select_columns(columns)
     results = []
     started = time.perf_counter()
     for i, rows_range in enumerate(mine):
         chunk = source[rows_range.start : rows_range.stop]
-        rows = [dict(zip(chunk, values)) for values in zip(*chunk.values())]
+        rows = [dict(zip(chunk, values, strict=True)) for values in zip(*chunk.values(), strict=True)]
         ref, ref_kl = run_batch(collator(rows)["labels"])
-        results.append((rows_range.start, ref.float().cpu().numpy(),
-                        ref_kl.float().cpu().numpy() if ref_kl is not None else None))
+        results.append(
+            (
+                rows_range.start,
+                ref.float().cpu().numpy(),
+                ref_kl.float().cpu().numpy() if ref_kl is not None else None,
+            )
+        )
         if (i + 1) % 50 == 0:
-            logger.info("kto_plugin: %s: %d/%d batches (%.0f s)", desc, i + 1, len(mine), time.perf_counter() - started)
+            logger.info(
+                "kto_plugin: %s: %d/%d batches (%.0f s)",
+                desc,
+                i + 1,
+                len(mine),
+                time.perf_counter() - started,
+            )
     if world > 1:
         results = gather_object(results)
     ref_logps = np.full(num_rows, np.nan, dtype=np.float32)
@@ -195,7 +214,9 @@ def compute_reference_logps(
     for key, values in out.items():
         missing = np.flatnonzero(np.isnan(values))
         if missing.size:
-            raise RuntimeError(f"{desc}: no {key} for rows {missing[:5].tolist()} after the pass (internal error).")
+            raise RuntimeError(
+                f"{desc}: no {key} for rows {missing[:5].tolist()} after the pass (internal error)."
+            )
     return out
 
 
@@ -254,7 +275,8 @@ class ReferencePrecomputer:
         return unwrap(self.trainer.model)
 
     def reference_fingerprint(self) -> str | None:
-        """Hash of the reference's weights (rank 0's, broadcast); None when sharded, which disables the cache."""
+        """Hash of the reference's weights (rank 0's, broadcast); None when sharded, which disables the
+        cache."""
         if self._reference_fingerprint is None:
             from accelerate.utils import broadcast_object_list
 
@@ -284,31 +306,44 @@ class ReferencePrecomputer:
         key = None
         fingerprint = self.reference_fingerprint() if self.cache is not None else None
         if fingerprint is not None:
-            key = cache_key({
-                "dataset": dataset_fingerprint(dataset),
-                "reference": fingerprint,
-                "mode": self.reference.mode,
-                "adapter": self.reference.ref_adapter_name,
-                "needs_kl": self.needs_kl,
-                "kl_group": group_size if self.needs_kl else None,
-                "mixed_precision": str(accelerator.mixed_precision),
-                **self.settings,
-            })
+            key = cache_key(
+                {
+                    "dataset": dataset_fingerprint(dataset),
+                    "reference": fingerprint,
+                    "mode": self.reference.mode,
+                    "adapter": self.reference.ref_adapter_name,
+                    "needs_kl": self.needs_kl,
+                    "kl_group": group_size if self.needs_kl else None,
+                    "mixed_precision": str(accelerator.mixed_precision),
+                    **self.settings,
+                }
+            )
         elif self.cache is not None:
-            logger.info("kto_plugin: reference weights are sharded, so the log-prob cache is off for %s", name)
+            logger.info(
+                "kto_plugin: reference weights are sharded, so the log-prob cache is off for %s", name
+            )
         arrays = [self.cache.load(key, num_rows) if key and accelerator.is_main_process else None]
         if accelerator.num_processes > 1:
             broadcast_object_list(arrays, from_process=0)
         arrays = arrays[0]
         if arrays is not None:
             self.last_source[name] = "cache"
-            logger.info("kto_plugin: reference log-probs for %s (%d rows) loaded from cache %s", name, num_rows,
-                        self.cache.path(key))
+            logger.info(
+                "kto_plugin: reference log-probs for %s (%d rows) loaded from cache %s",
+                name,
+                num_rows,
+                self.cache.path(key),
+            )
         else:
             started = time.perf_counter()
             source = with_partner_completions(dataset, partners) if partners is not None else dataset
             arrays = compute_reference_logps(
-                source, self.collator, self._run_batch, batch_size, accelerator, self.needs_kl,
+                source,
+                self.collator,
+                self._run_batch,
+                batch_size,
+                accelerator,
+                self.needs_kl,
                 desc=f"reference log-probs for {name}",
             )
             if partners is not None:
@@ -316,17 +351,34 @@ class ReferencePrecomputer:
             self.last_source[name] = "computed"
             where = ""
             if key and accelerator.is_main_process:
-                where = " and cached at " + self.cache.save(key, arrays, {
-                    "dataset": name, "rows": num_rows, "reference": self.reference.describe(),
-                    "created": time.strftime("%Y-%m-%d %H:%M:%S"), **self.settings,
-                })
+                where = " and cached at " + self.cache.save(
+                    key,
+                    arrays,
+                    {
+                        "dataset": name,
+                        "rows": num_rows,
+                        "reference": self.reference.describe(),
+                        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                        **self.settings,
+                    },
+                )
             accelerator.wait_for_everyone()
-            logger.info("kto_plugin: reference log-probs for %s (%d rows, batch %d) computed in %.1f s%s", name,
-                        num_rows, batch_size, time.perf_counter() - started, where)
+            logger.info(
+                "kto_plugin: reference log-probs for %s (%d rows, batch %d) computed in %.1f s%s",
+                name,
+                num_rows,
+                batch_size,
+                time.perf_counter() - started,
+                where,
+            )
         out = dataset.add_column("ref_logps", arrays["ref_logps"].astype(np.float32))
         if partners is not None:
-            if not np.array_equal(arrays["kl_partner"], partners):  # pragma: no cover - the key covers the group
-                raise RuntimeError(f"Cached KL partners for {name} do not match this run's; clear {self.cache.path(key)}.")
+            if not np.array_equal(
+                arrays["kl_partner"], partners
+            ):  # pragma: no cover - the key covers the group
+                raise RuntimeError(
+                    f"Cached KL partners for {name} do not match this run's; clear {self.cache.path(key)}."
+                )
             out = with_partner_completions(out, partners)
             out = out.add_column("ref_kl_logps", arrays["ref_kl_logps"].astype(np.float32))
         return out

@@ -40,8 +40,14 @@ logger = logging.getLogger("kto_plugin")
 
 REF_ADAPTER_CONVENTION = "ref"
 
-__all__ = ["REF_ADAPTER_CONVENTION", "ReferenceManager", "disable_dropout", "is_peft_model", "lm_head_of",
-           "preserved_state"]
+__all__ = [
+    "REF_ADAPTER_CONVENTION",
+    "ReferenceManager",
+    "disable_dropout",
+    "is_peft_model",
+    "lm_head_of",
+    "preserved_state",
+]
 
 
 def disable_dropout(model: nn.Module) -> list[tuple[nn.Dropout, float]]:
@@ -115,9 +121,9 @@ class ReferenceManager:
     ) -> None:
         """Decide the mode for `policy` (the unwrapped trainer model) and prepare the reference.
 
-        Raises a ValueError naming the problem before any training step: merged adapters, a `ref_model` that is
-        (or shares weights with) the policy, an unknown `ref_adapter_name`, a null reference with adapter biases,
-        a reference with another vocabulary size.
+        Raises a ValueError naming the problem before any training step: merged adapters, a `ref_model` that
+        is (or shares weights with) the policy, an unknown `ref_adapter_name`, a null reference with adapter
+        biases, a reference with another vocabulary size.
         """
         if peft_reference not in PEFT_REFERENCES:
             raise ValueError(f"peft_reference must be one of {PEFT_REFERENCES}, got {peft_reference!r}.")
@@ -132,8 +138,8 @@ class ReferenceManager:
                 )
             self.mode, self.why = "model", "the given ref_model"
             if precompute:
-                # only needed for one pass: placed on the device, not registered with accelerate, moved back and
-                # dropped by release()
+                # only needed for one pass: placed on the device, not registered with accelerate, moved back
+                # and dropped by release()
                 model = self.given_ref_model
                 self._given_device = next(model.parameters()).device
                 self.ref_model = model.requires_grad_(False).eval().to(trainer.accelerator.device)
@@ -145,9 +151,9 @@ class ReferenceManager:
         else:
             if self.requested_adapter is not None:
                 raise ValueError(
-                    f"ref_adapter_name={self.requested_adapter!r} needs a model with PEFT adapters (a peft.PeftModel, "
-                    f"or adapters loaded with model.load_adapter), but the trainer's model is a "
-                    f"{type(policy).__name__} without adapters."
+                    f"ref_adapter_name={self.requested_adapter!r} needs a model with PEFT adapters (a "
+                    "peft.PeftModel, or adapters loaded with model.load_adapter), but the trainer's model "
+                    f"is a {type(policy).__name__} without adapters."
                 )
             if precompute:
                 self.mode, self.why = "initial_policy", "the initial policy (precomputed, no copy kept)"
@@ -166,8 +172,9 @@ class ReferenceManager:
         if name is not None:
             if name not in names:
                 raise ValueError(
-                    f"ref_adapter_name={name!r} is not an adapter of the model; it has {names}. Load it first, e.g. "
-                    f"model.load_adapter(path, adapter_name={name!r}), or pass one of those names."
+                    f"ref_adapter_name={name!r} is not an adapter of the model; it has {names}. Load it "
+                    f"first, e.g. model.load_adapter(path, adapter_name={name!r}), or pass one of those "
+                    "names."
                 )
             why = f"ref_adapter_name={name!r}"
         elif peft_reference == "auto" and REF_ADAPTER_CONVENTION in names:
@@ -175,43 +182,49 @@ class ReferenceManager:
         if name is not None:
             if name in active:
                 raise ValueError(
-                    f"The reference adapter {name!r} is the policy's active adapter (active: {active}), i.e. the one "
-                    "being trained. Activate the adapter to train (model.set_adapter('default')) and keep the "
-                    "reference adapter inactive; with transformers' model.load_adapter, load the reference first, "
-                    "since the adapter loaded last becomes active."
+                    f"The reference adapter {name!r} is the policy's active adapter (active: {active}), i.e. "
+                    "the one being trained. Activate the adapter to train (model.set_adapter('default')) "
+                    "and keep the reference adapter inactive; with transformers' model.load_adapter, load "
+                    "the reference first, since the adapter loaded last becomes active."
                 )
             self.mode, self.ref_adapter_name, self.why = "named_adapter", name, why
             return
         if len(active) != 1:
             raise ValueError(
-                f"The policy has {len(active)} active adapters ({active}); kto_plugin needs exactly one trained "
-                "adapter to know what the reference is. Activate one, or pass ref_model= / ref_adapter_name=."
+                f"The policy has {len(active)} active adapters ({active}); kto_plugin needs exactly one "
+                "trained adapter to know what the reference is. Activate one, or pass ref_model= / "
+                "ref_adapter_name=."
             )
         source = active[0]
         bias = getattr(host.config(source), "bias", "none")
         if bias != "none":
             raise ValueError(
-                f"Adapter {source!r} has bias={bias!r}: it trains the base model's bias terms in place, so disabling "
-                "the adapter does not give the base model back (a null reference would be wrong), and peft allows no "
-                "second adapter with biases (no frozen copy either). Use a LoRA config with bias='none', or pass "
-                "ref_model= (a separate copy of the model before training)."
+                f"Adapter {source!r} has bias={bias!r}: it trains the base model's bias terms in place, so "
+                "disabling the adapter does not give the base model back (a null reference would be wrong), "
+                "and peft allows no second adapter with biases (no frozen copy either). Use a LoRA config "
+                "with bias='none', or pass ref_model= (a separate copy of the model before training)."
             )
         if peft_reference == "auto":
             noop, reason = host.is_noop(source)
             use_copy = not noop
-            why = (f"adapter {source!r} changes nothing yet ({reason}), so the base model is the initial policy"
-                   if noop else f"adapter {source!r} already changes the model ({reason})")
+            why = (
+                f"adapter {source!r} changes nothing yet ({reason}), so the base model is the initial policy"
+                if noop
+                else f"adapter {source!r} already changes the model ({reason})"
+            )
         else:
             use_copy = peft_reference == "initial_adapter"
             why = f"peft_reference={peft_reference!r}"
         if use_copy:
-            if host.is_prompt_learning(source) and host.kind != "peft":  # pragma: no cover - integration has none
+            if host.is_prompt_learning(source) and host.kind != "peft":  # pragma: no cover
+                # transformers' integration cannot load prompt-learning adapters in the first place
                 raise ValueError("Prompt-learning adapters can only be copied inside a peft.PeftModel.")
             if REF_ADAPTER_CONVENTION in names:
                 raise ValueError(
-                    f"peft_reference={peft_reference!r} copies adapter {source!r} as {REF_ADAPTER_CONVENTION!r}, but "
-                    f"the model already has an adapter named {REF_ADAPTER_CONVENTION!r}. Use it as the reference "
-                    f"(peft_reference='auto' or ref_adapter_name={REF_ADAPTER_CONVENTION!r}) or delete it first."
+                    f"peft_reference={peft_reference!r} copies adapter {source!r} as "
+                    f"{REF_ADAPTER_CONVENTION!r}, but the model already has an adapter named "
+                    f"{REF_ADAPTER_CONVENTION!r}. Use it as the reference (peft_reference='auto' or "
+                    f"ref_adapter_name={REF_ADAPTER_CONVENTION!r}) or delete it first."
                 )
             host.copy_adapter(source, REF_ADAPTER_CONVENTION)
             self.created_adapter = REF_ADAPTER_CONVENTION
@@ -225,26 +238,27 @@ class ReferenceManager:
         merged = host.merged()
         if merged:
             raise ValueError(
-                f"Adapter(s) {merged} are merged into the base weights (merge_adapter()). A merged adapter is not "
-                "trained (its weights no longer act separately) and disabling it silently unmerges the base weights. "
-                "Call model.unmerge_adapter() before attach(), or merge_and_unload() and train a fresh adapter."
+                f"Adapter(s) {merged} are merged into the base weights (merge_adapter()). A merged adapter "
+                "is not trained (its weights no longer act separately) and disabling it silently unmerges "
+                "the base weights. Call model.unmerge_adapter() before attach(), or merge_and_unload() and "
+                "train a fresh adapter."
             )
 
     @staticmethod
     def _check_separate(policy: nn.Module, ref_model: nn.Module) -> None:
         if ref_model is policy or ref_model is getattr(policy, "base_model", None):
             raise ValueError(
-                "ref_model is the policy model itself: the reference must stay fixed while the policy trains. "
-                "Pass ref_model=None to use a frozen copy of the initial policy (or the adapter-free base model "
-                "for PEFT), or pass a separate model."
+                "ref_model is the policy model itself: the reference must stay fixed while the policy "
+                "trains. Pass ref_model=None to use a frozen copy of the initial policy (or the "
+                "adapter-free base model for PEFT), or pass a separate model."
             )
         policy_storage = {p.data_ptr() for p in policy.parameters() if p.data_ptr() != 0}
         shared = [n for n, p in ref_model.named_parameters() if p.data_ptr() in policy_storage]
         if shared:
             raise ValueError(
-                f"ref_model shares {len(shared)} parameter tensors with the policy (e.g. {shared[0]!r}), so training "
-                "would move the reference too. Pass a separate copy (copy.deepcopy(model) or a fresh "
-                "from_pretrained), or ref_model=None."
+                f"ref_model shares {len(shared)} parameter tensors with the policy (e.g. {shared[0]!r}), so "
+                "training would move the reference too. Pass a separate copy (copy.deepcopy(model) or a "
+                "fresh from_pretrained), or ref_model=None."
             )
 
     def _prepare(self, trainer: Any, model: nn.Module) -> nn.Module:
@@ -260,8 +274,9 @@ class ReferenceManager:
         ours, theirs = _vocab_size(policy), _vocab_size(ref_model)
         if ours is not None and theirs is not None and ours != theirs:
             raise ValueError(
-                f"The reference model's vocabulary ({theirs} logits) differs from the policy's ({ours}): their "
-                "log-probs are not comparable. Use a reference with the same tokenizer and vocabulary size."
+                f"The reference model's vocabulary ({theirs} logits) differs from the policy's ({ours}): "
+                "their log-probs are not comparable. Use a reference with the same tokenizer and vocabulary "
+                "size."
             )
 
     # --- use ---
@@ -279,26 +294,29 @@ class ReferenceManager:
             return
         if self.mode == "released":
             raise ValueError(
-                "This batch carries no precomputed reference log-probs, and the reference model was released after "
-                "the precompute pass (precompute_ref_log_probs=True). Pass every evaluation dataset to the Trainer "
-                "before kto.attach(trainer), or precompute it with kto.precompute_reference(dataset) before "
-                "training starts."
+                "This batch carries no precomputed reference log-probs, and the reference model was "
+                "released after the precompute pass (precompute_ref_log_probs=True). Pass every evaluation "
+                "dataset to the Trainer before kto.attach(trainer), or precompute it with "
+                "kto.precompute_reference(dataset) before training starts."
             )
         model = trainer.model
         unwrapped = trainer.accelerator.unwrap_model(model)
         if self.mode == "initial_policy":
             if int(trainer.state.global_step) != self._policy_step:
                 raise ValueError(
-                    "The reference is the initial policy (precompute_ref_log_probs=True, no ref_model), which is gone "
-                    f"once training has taken a step (now at step {trainer.state.global_step}). Precompute every "
-                    "dataset before training (kto.precompute_reference(dataset)), or pass ref_model=."
+                    "The reference is the initial policy (precompute_ref_log_probs=True, no ref_model), "
+                    "which is gone once training has taken a step (now at step "
+                    f"{trainer.state.global_step}). Precompute every dataset before training "
+                    "(kto.precompute_reference(dataset)), or pass ref_model=."
                 )
             with preserved_state(unwrapped):
                 unwrapped.eval()
                 yield model
             return
         if self.mode not in ("null_adapter", "named_adapter"):
-            raise RuntimeError(f"The reference manager is not set up (mode {self.mode!r}); call KTOPlugin.attach().")
+            raise RuntimeError(
+                f"The reference manager is not set up (mode {self.mode!r}); call KTOPlugin.attach()."
+            )
         host = self.host
         if host is None or host.model is not unwrapped:
             host = AdapterHost.of(unwrapped)
@@ -311,7 +329,8 @@ class ReferenceManager:
                     yield model
 
     def release(self) -> None:
-        """Drop a separate reference model after precomputation; adapters and the initial policy cost nothing."""
+        """Drop a separate reference model after precomputation; adapters and the initial policy cost
+        nothing."""
         if self.mode != "model":
             return
         for module, p in self._restore_dropout:

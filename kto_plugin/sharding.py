@@ -1,4 +1,5 @@
-"""Preparing a separate reference model for the Trainer's distributed set-up (case: `ref_model=` or a frozen copy).
+"""Preparing a separate reference model for the Trainer's distributed set-up (case: `ref_model=` or a frozen
+copy).
 
 What each set-up gets (the facts follow TRL 1.16's `prepare_deepspeed` / `prepare_fsdp` and accelerate 1.15):
 

@@ -20,9 +20,9 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
+from trl_oracle import _SKIP, training_args
 
 from kto_plugin import KTOConfig, KTOPlugin
-from trl_oracle import _SKIP, training_args
 
 PARITY_REL = 2e-4
 # metric-name part -> absolute float32 noise floor of a difference of two summed log-probs (see above)
@@ -34,8 +34,14 @@ LORA_LR = 64.0
 def lora_config(init: bool = True, bias: str = "none", alpha: int = 16) -> LoraConfig:
     """Small LoRA on q_proj/v_proj; ``init=False`` gives random non-zero B, i.e. an adapter that already
     changes the model (stands for a loaded SFT adapter)."""
-    return LoraConfig(r=4, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                      init_lora_weights=init, bias=bias)
+    return LoraConfig(
+        r=4,
+        lora_alpha=alpha,
+        target_modules=["q_proj", "v_proj"],
+        lora_dropout=0.0,
+        init_lora_weights=init,
+        bias=bias,
+    )
 
 
 def peft_policy(base, trained: bool, seed: int = 5, **config_kwargs: Any):
@@ -84,10 +90,10 @@ def run_ours(model, rows, tokenizer, kto_kwargs, args, eval_rows=None, **plugin_
 
 
 def parity_problems(expected: list[dict], actual: list[dict]) -> list[str]:
-    """`trl_oracle.compare_logs` at 2e-4 relative, each log-prob difference within its noise floor; returns the
-    mismatches (empty when equal)."""
+    """`trl_oracle.compare_logs` at 2e-4 relative, each log-prob difference within its noise floor; returns
+    the mismatches (empty when equal)."""
     problems = [] if len(expected) == len(actual) else [f"{len(expected)} log entries vs {len(actual)}"]
-    for a, b in zip(expected, actual):
+    for a, b in zip(expected, actual, strict=False):  # a length mismatch is reported above
         for key in sorted(set(a) | set(b)):
             if any(s in key for s in _SKIP):
                 continue

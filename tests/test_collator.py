@@ -82,7 +82,7 @@ def test_model_kwargs_and_precomputed_columns():
     rows = [dict(r, ref_logps=-1.5 * i, ref_kl_logps=-2.0 * i) for i, r in enumerate(ROWS)]
     batch = collator(rows)
     assert batch["use_cache"] is False
-    # carried as int32 bit patterns, so the Trainer's DeepSpeed cast of floating-point inputs cannot round them
+    # carried as int32 bit patterns, so the Trainer's DeepSpeed cast of floating inputs cannot round them
     assert batch["labels"]["ref_logps_bits"].dtype == torch.int32
     assert bits_as_float32(batch["labels"]["ref_logps_bits"]).tolist() == [0.0, -1.5, -3.0]
     assert bits_as_float32(batch["labels"]["ref_kl_logps_bits"]).tolist() == [0.0, -2.0, -4.0]
@@ -97,7 +97,8 @@ def test_stored_kl_partners_replace_the_rotation():
     for i, row in enumerate(ROWS):
         width = len(row["prompt_ids"]) + 1
         assert labels["kl_input_ids"][i, :width].tolist() == list(row["prompt_ids"]) + [50 + i]
-        assert labels["kl_completion_labels"][i, :width].tolist() == [-100] * len(row["prompt_ids"]) + [50 + i]
+        expected = [-100] * len(row["prompt_ids"]) + [50 + i]
+        assert labels["kl_completion_labels"][i, :width].tolist() == expected
     # one row is enough when its partner is stored
     assert KTOCollator(pad_token_id=0)(rows[:1])["labels"]["kl_input_ids"].shape[0] == 1
 

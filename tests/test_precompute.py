@@ -11,13 +11,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from transformers import Trainer
-
 from helpers import args, kto_trainer
-from kto_plugin import KTOConfig, KTOPlugin
-from kto_plugin.collator import bits_as_float32
-from kto_plugin.demo import build_tiny_model
-from kto_plugin.precompute import kl_partners
 from reference_cases import (
     lora_config,
     parity_args,
@@ -28,6 +22,12 @@ from reference_cases import (
     train_and_evaluate,
 )
 from reference_impl import naive_completion_logps
+from transformers import Trainer
+
+from kto_plugin import KTOConfig, KTOPlugin
+from kto_plugin.collator import bits_as_float32
+from kto_plugin.demo import build_tiny_model
+from kto_plugin.precompute import kl_partners
 
 KTO = dict(beta=0.1, max_length=128, precompute_ref_log_probs=True)
 
@@ -61,13 +61,19 @@ def test_kl_partners_are_the_collators_rotation_under_sequential_batches():
 
 
 def _policies(kind, base_model, tokenizer):
-    """(our policy, TRL's policy, our plugin kwargs, TRL kwargs, lora) for each way of holding the reference."""
+    """(our policy, TRL's policy, our plugin kwargs, TRL kwargs, lora) for each way of holding the
+    reference."""
     if kind == "plain":
         return copy.deepcopy(base_model), copy.deepcopy(base_model), {}, {}, False
     if kind == "ref_model":
         other = build_tiny_model(len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=2)
-        return (copy.deepcopy(base_model), copy.deepcopy(base_model), {"ref_model": copy.deepcopy(other)},
-                {"ref_model": copy.deepcopy(other)}, False)
+        return (
+            copy.deepcopy(base_model),
+            copy.deepcopy(base_model),
+            {"ref_model": copy.deepcopy(other)},
+            {"ref_model": copy.deepcopy(other)},
+            False,
+        )
     if kind == "peft-null":
         policy = peft_policy(base_model, trained=False)
         return policy, copy.deepcopy(base_model), {}, {"peft_config": lora_config()}, True
@@ -85,16 +91,20 @@ def test_precompute_matches_trl(kind, base_model, tokenizer, rows, tmp_path, cac
     eval_rows = rows[-16:]
     trl = run_trl(trl_model, rows, tokenizer, {k: v for k, v in KTO.items()}, a, eval_rows, **trl_kwargs)
     if kind == "peft-null":
-        trl.model.load_state_dict(ours_model.state_dict())  # same lora_A (B = 0: the precompute is unaffected)
-    ours, kto = run_ours(ours_model, rows, tokenizer, {**KTO, "precompute_cache_dir": cache_dir}, a, eval_rows,
-                         **plugin_kwargs)
+        trl.model.load_state_dict(
+            ours_model.state_dict()
+        )  # same lora_A (B = 0: the precompute is unaffected)
+    ours, kto = run_ours(
+        ours_model, rows, tokenizer, {**KTO, "precompute_cache_dir": cache_dir}, a, eval_rows, **plugin_kwargs
+    )
     # the stored columns are TRL's: same target log-probs, and KL log-probs of the same (sequential) pairs
     for split in ("train_dataset", "eval_dataset"):
         theirs, mine = getattr(trl, split), getattr(ours, split)
         np.testing.assert_allclose(mine["ref_logps"], theirs["ref_logps"], rtol=2e-6, atol=2e-5)
         np.testing.assert_allclose(mine["ref_kl_logps"], theirs["ref_KL_logps"], rtol=2e-6, atol=2e-5)
     assert kto.reference.mode == {"plain": "initial_policy", "ref_model": "released"}.get(
-        kind, kto.reference.mode)
+        kind, kto.reference.mode
+    )
     assert kto.reference.ref_model is None
     train_and_evaluate(trl, ours)
     assert parity_problems(trl.state.log_history, ours.state.log_history) == []
@@ -104,8 +114,9 @@ def test_precompute_matches_trl(kind, base_model, tokenizer, rows, tmp_path, cac
 # --- correct KL reference log-probs whatever the sampler ---
 
 
-def test_precomputed_kl_logps_are_right_for_the_pairs_built_under_shuffling(model, tokenizer, rows, tmp_path,
-                                                                            cache_dir):
+def test_precomputed_kl_logps_are_right_for_the_pairs_built_under_shuffling(
+    model, tokenizer, rows, tmp_path, cache_dir
+):
     reference = copy.deepcopy(model).eval()
     kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, kto_kwargs=_precompute(cache_dir))
     kto.attach(trainer)
@@ -123,12 +134,20 @@ def test_precomputed_kl_logps_are_right_for_the_pairs_built_under_shuffling(mode
 
 
 @pytest.mark.slow
-def test_shuffled_training_with_precompute_equals_a_live_reference(base_model, tokenizer, rows, tmp_path,
-                                                                   cache_dir):
-    """Random sampler: precomputed reference log-probs give the run a live reference gives on the same pairs."""
+def test_shuffled_training_with_precompute_equals_a_live_reference(
+    base_model, tokenizer, rows, tmp_path, cache_dir
+):
+    """Random sampler: precomputed reference log-probs give the run a live reference gives on the same
+    pairs."""
     shuffled = dict(train_sampling_strategy="random", max_steps=6, learning_rate=1.0, optim="sgd")
-    kto_pre, pre = kto_trainer(copy.deepcopy(base_model), tokenizer, rows, tmp_path / "a",
-                               kto_kwargs=_precompute(cache_dir), **shuffled)
+    kto_pre, pre = kto_trainer(
+        copy.deepcopy(base_model),
+        tokenizer,
+        rows,
+        tmp_path / "a",
+        kto_kwargs=_precompute(cache_dir),
+        **shuffled,
+    )
     kto_pre.attach(pre)
     # the same rows and partners, reference log-probs computed live from a frozen copy
     paired = pre.train_dataset.remove_columns(["ref_logps", "ref_kl_logps"])
@@ -141,7 +160,7 @@ def test_shuffled_training_with_precompute_equals_a_live_reference(base_model, t
     logs_pre = [e for e in pre.state.log_history if "loss" in e]
     logs_live = [e for e in live.state.log_history if "loss" in e]
     assert len(logs_pre) == 6 and any(e["kl"] > 0 for e in logs_pre)
-    for a, b in zip(logs_pre, logs_live):
+    for a, b in zip(logs_pre, logs_live, strict=True):
         assert a.keys() == b.keys()
         for key in ("loss", "kl", "grad_norm", "logps/chosen", "rewards/chosen", "rewards/rejected"):
             if key in a:  # a shuffled batch may hold only one kind of row
@@ -152,13 +171,25 @@ def test_shuffled_training_with_precompute_equals_a_live_reference(base_model, t
 
 
 def test_second_run_reuses_the_cache_and_says_so(model, tokenizer, rows, tmp_path, cache_dir, caplog):
-    kto, trainer = kto_trainer(copy.deepcopy(model), tokenizer, rows, tmp_path, eval_rows=rows[:16],
-                               kto_kwargs=_precompute(cache_dir))
+    kto, trainer = kto_trainer(
+        copy.deepcopy(model),
+        tokenizer,
+        rows,
+        tmp_path,
+        eval_rows=rows[:16],
+        kto_kwargs=_precompute(cache_dir),
+    )
     kto.attach(trainer)
     assert kto._precomputer.last_source == {"train": "computed", "eval": "computed"}
     first = trainer.train_dataset
-    kto2, trainer2 = kto_trainer(copy.deepcopy(model), tokenizer, rows, tmp_path, eval_rows=rows[:16],
-                                 kto_kwargs=_precompute(cache_dir))
+    kto2, trainer2 = kto_trainer(
+        copy.deepcopy(model),
+        tokenizer,
+        rows,
+        tmp_path,
+        eval_rows=rows[:16],
+        kto_kwargs=_precompute(cache_dir),
+    )
     with caplog.at_level(logging.INFO, logger="kto_plugin"):
         kto2.attach(trainer2)
     assert kto2._precomputer.last_source == {"train": "cache", "eval": "cache"}
@@ -170,9 +201,16 @@ def test_second_run_reuses_the_cache_and_says_so(model, tokenizer, rows, tmp_pat
 
 @pytest.mark.parametrize("change", ["weights", "data", "max_length", "batch_size"])
 def test_cache_key_covers_what_changes_the_values(change, model, tokenizer, rows, tmp_path, cache_dir):
-    kto, trainer = kto_trainer(copy.deepcopy(model), tokenizer, rows, tmp_path, kto_kwargs=_precompute(cache_dir))
+    kto, trainer = kto_trainer(
+        copy.deepcopy(model), tokenizer, rows, tmp_path, kto_kwargs=_precompute(cache_dir)
+    )
     kto.attach(trainer)
-    other_model, other_rows, kto_kwargs, arg_overrides = copy.deepcopy(model), rows, _precompute(cache_dir), {}
+    other_model, other_rows, kto_kwargs, arg_overrides = (
+        copy.deepcopy(model),
+        rows,
+        _precompute(cache_dir),
+        {},
+    )
     if change == "weights":
         with torch.no_grad():
             other_model.lm_head.weight[0, 0] += 1e-3
@@ -182,15 +220,17 @@ def test_cache_key_covers_what_changes_the_values(change, model, tokenizer, rows
         kto_kwargs["max_length"] = 90
     else:  # the KL pairing groups rows by the per-device batch size
         arg_overrides["per_device_train_batch_size"] = 2
-    kto2, trainer2 = kto_trainer(other_model, tokenizer, other_rows, tmp_path, kto_kwargs=kto_kwargs,
-                                 **arg_overrides)
+    kto2, trainer2 = kto_trainer(
+        other_model, tokenizer, other_rows, tmp_path, kto_kwargs=kto_kwargs, **arg_overrides
+    )
     kto2.attach(trainer2)
     assert kto2._precomputer.last_source["train"] == "computed"
 
 
 def test_cache_can_be_turned_off(model, tokenizer, rows, tmp_path, cache_dir):
-    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path,
-                               kto_kwargs=_precompute(cache_dir, precompute_cache=False))
+    kto, trainer = kto_trainer(
+        model, tokenizer, rows, tmp_path, kto_kwargs=_precompute(cache_dir, precompute_cache=False)
+    )
     kto.attach(trainer)
     assert "ref_logps" in trainer.train_dataset.column_names
     import os
@@ -202,12 +242,20 @@ def test_cache_can_be_turned_off(model, tokenizer, rows, tmp_path, cache_dir):
 
 
 @pytest.mark.parametrize("batch_size,expected", [(None, 4), (8, 8)])
-def test_precompute_ref_batch_size_is_honoured(batch_size, expected, model, tokenizer, rows, tmp_path, cache_dir):
+def test_precompute_ref_batch_size_is_honoured(
+    batch_size, expected, model, tokenizer, rows, tmp_path, cache_dir
+):
     seen = []
-    handle = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[0]),
-                                             with_kwargs=True)
-    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path,
-                               kto_kwargs=_precompute(cache_dir, precompute_ref_batch_size=batch_size))
+    handle = model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    kto, trainer = kto_trainer(
+        model,
+        tokenizer,
+        rows,
+        tmp_path,
+        kto_kwargs=_precompute(cache_dir, precompute_ref_batch_size=batch_size),
+    )
     kto.attach(trainer)
     handle.remove()
     n = len(trainer.train_dataset)
@@ -230,8 +278,9 @@ def test_no_reference_model_is_created_or_kept(model, tokenizer, rows, tmp_path,
 
 def test_given_ref_model_is_released_and_returned(model, tokenizer, rows, tmp_path, cache_dir):
     ref = build_tiny_model(len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=2)
-    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, kto_kwargs=_precompute(cache_dir),
-                               plugin_kwargs={"ref_model": ref})
+    kto, trainer = kto_trainer(
+        model, tokenizer, rows, tmp_path, kto_kwargs=_precompute(cache_dir), plugin_kwargs={"ref_model": ref}
+    )
     kto.attach(trainer)
     assert kto.reference.mode == "released" and kto.reference.given_ref_model is None
     assert all(m is not ref for m in trainer.accelerator._models)
@@ -241,7 +290,9 @@ def test_given_ref_model_is_released_and_returned(model, tokenizer, rows, tmp_pa
 
 
 def test_later_eval_datasets(model, tokenizer, rows, tmp_path, cache_dir):
-    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, kto_kwargs=_precompute(cache_dir), max_steps=1)
+    kto, trainer = kto_trainer(
+        model, tokenizer, rows, tmp_path, kto_kwargs=_precompute(cache_dir), max_steps=1
+    )
     kto.attach(trainer)
     raw_eval = kto.prepare_dataset(rows[:16], name="later")
     # before training the initial policy is still the reference: precompute it, or evaluate it live
@@ -258,8 +309,9 @@ def test_later_eval_datasets(model, tokenizer, rows, tmp_path, cache_dir):
 
 def test_peft_reference_serves_later_datasets_live(base_model, tokenizer, rows, tmp_path, cache_dir):
     policy = peft_policy(base_model, trained=False)
-    kto, trainer = kto_trainer(policy, tokenizer, rows, tmp_path, kto_kwargs=_precompute(cache_dir), max_steps=2,
-                               learning_rate=1.0)
+    kto, trainer = kto_trainer(
+        policy, tokenizer, rows, tmp_path, kto_kwargs=_precompute(cache_dir), max_steps=2, learning_rate=1.0
+    )
     kto.attach(trainer)
     trainer.train()
     raw_eval = kto.prepare_dataset(rows[:16], name="later")
@@ -271,8 +323,9 @@ def test_peft_reference_serves_later_datasets_live(base_model, tokenizer, rows, 
 
 
 def test_apo_zero_unpaired_stores_no_kl_columns(model, tokenizer, rows, tmp_path, cache_dir):
-    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path,
-                               kto_kwargs=_precompute(cache_dir, loss_type="apo_zero_unpaired"))
+    kto, trainer = kto_trainer(
+        model, tokenizer, rows, tmp_path, kto_kwargs=_precompute(cache_dir, loss_type="apo_zero_unpaired")
+    )
     kto.attach(trainer)
     assert "ref_logps" in trainer.train_dataset.column_names
     assert not {"ref_kl_logps", "kl_completion_ids"} & set(trainer.train_dataset.column_names)
@@ -280,8 +333,9 @@ def test_apo_zero_unpaired_stores_no_kl_columns(model, tokenizer, rows, tmp_path
 
 
 def test_detach_restores_the_datasets(model, tokenizer, rows, tmp_path, cache_dir):
-    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, eval_rows=rows[:16],
-                               kto_kwargs=_precompute(cache_dir))
+    kto, trainer = kto_trainer(
+        model, tokenizer, rows, tmp_path, eval_rows=rows[:16], kto_kwargs=_precompute(cache_dir)
+    )
     train, evaluation = trainer.train_dataset, trainer.eval_dataset
     kto.attach(trainer)
     assert trainer.train_dataset is not train
@@ -293,14 +347,17 @@ def test_iterable_dataset_is_refused_with_the_reason(model, tokenizer, rows, tmp
     kto = KTOPlugin(KTOConfig(max_length=96, **_precompute(cache_dir)), tokenizer=tokenizer)
     stream = kto.prepare_dataset(rows).to_iterable_dataset()
     trainer = Trainer(model=model, args=args(tmp_path), train_dataset=stream, data_collator=kto.collator)
-    with pytest.raises(ValueError, match="train dataset: it is an IterableDataset.*stores the results as columns"):
+    with pytest.raises(
+        ValueError, match="train dataset: it is an IterableDataset.*stores the results as columns"
+    ):
         kto.attach(trainer)
     assert trainer.compute_loss_func is None
 
 
 def test_unprepared_dataset_is_refused(model, tokenizer, rows, tmp_path, cache_dir):
     kto = KTOPlugin(KTOConfig(max_length=96, **_precompute(cache_dir)), tokenizer=tokenizer)
-    trainer = Trainer(model=model, args=args(tmp_path), train_dataset=Dataset.from_list(rows),
-                      data_collator=kto.collator)
+    trainer = Trainer(
+        model=model, args=args(tmp_path), train_dataset=Dataset.from_list(rows), data_collator=kto.collator
+    )
     with pytest.raises(ValueError, match="lacks .*prompt_ids.*prepare_dataset"):
         kto.attach(trainer)

@@ -3,7 +3,8 @@
 
 Cases (numbers as in issue #4): 1 separate ref_model, 2 plain model with a frozen copy, 3 PEFT null reference,
 4 a PeftModel whose adapter already has trained weights (frozen copy named "ref", as TRL), 5 a named reference
-adapter, 6 adapters loaded by transformers' own PEFT integration. Case 7 (precomputed) is in test_precompute.py.
+adapter, 6 adapters loaded by transformers' own PEFT integration. Case 7 (precomputed) is in
+test_precompute.py.
 """
 
 from __future__ import annotations
@@ -12,13 +13,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Trainer
-
 from helpers import args, kto_trainer
-from kto_plugin import KTOConfig, KTOPlugin
-from kto_plugin.adapters import AdapterHost
-from kto_plugin.demo import build_tiny_model
-from kto_plugin.sharding import prepare_reference
 from reference_cases import (
     integration_policy,
     lora_config,
@@ -30,6 +25,12 @@ from reference_cases import (
     state_of,
     train_and_evaluate,
 )
+from transformers import AutoModelForCausalLM, Trainer
+
+from kto_plugin import KTOConfig, KTOPlugin
+from kto_plugin.adapters import AdapterHost
+from kto_plugin.demo import build_tiny_model
+from kto_plugin.sharding import prepare_reference
 
 KTO = dict(beta=0.1, max_length=128)
 
@@ -74,7 +75,9 @@ pytestmark_slow = pytest.mark.slow
 def test_case1_separate_ref_model_matches_trl(base_model, tokenizer, rows, eval_rows, tmp_path):
     other = build_tiny_model(len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=2)
     a = parity_args(str(tmp_path), lora=False)
-    trl = run_trl(copy.deepcopy(base_model), rows, tokenizer, KTO, a, eval_rows, ref_model=copy.deepcopy(other))
+    trl = run_trl(
+        copy.deepcopy(base_model), rows, tokenizer, KTO, a, eval_rows, ref_model=copy.deepcopy(other)
+    )
     ref = copy.deepcopy(other)
     before = state_of(ref)
     ours, kto = run_ours(copy.deepcopy(base_model), rows, tokenizer, KTO, a, eval_rows, ref_model=ref)
@@ -109,8 +112,9 @@ def test_case3_peft_null_reference_matches_trl(base_model, tokenizer, rows, eval
 
 @pytestmark_slow
 @pytest.mark.parametrize("peft_reference", ["auto", "initial_adapter"])
-def test_case4_pretrained_adapter_is_copied_like_trl(peft_reference, base_model, tokenizer, rows, eval_rows,
-                                                     tmp_path):
+def test_case4_pretrained_adapter_is_copied_like_trl(
+    peft_reference, base_model, tokenizer, rows, eval_rows, tmp_path
+):
     policy = peft_policy(base_model, trained=True)
     a = parity_args(str(tmp_path), lora=True)
     trl = run_trl(copy.deepcopy(policy), rows, tokenizer, KTO, a, eval_rows)  # TRL adds a frozen copy "ref"
@@ -122,8 +126,9 @@ def test_case4_pretrained_adapter_is_copied_like_trl(peft_reference, base_model,
 
 @pytestmark_slow
 @pytest.mark.parametrize("name", ["ref", "sft"])
-def test_case5_named_reference_adapter_matches_trl(name, base_model, tokenizer, rows, eval_rows,
-                                                   trained_adapter_dir, tmp_path):
+def test_case5_named_reference_adapter_matches_trl(
+    name, base_model, tokenizer, rows, eval_rows, trained_adapter_dir, tmp_path
+):
     """A loaded adapter as the reference: by convention ("ref") or by ref_adapter_name; here it holds the
     policy adapter's initial weights, so TRL's case-4 run (its own copy) is the oracle."""
     policy = peft_policy(base_model, trained=True)
@@ -138,8 +143,9 @@ def test_case5_named_reference_adapter_matches_trl(name, base_model, tokenizer, 
 
 
 @pytestmark_slow
-def test_case6_transformers_integration_adapter_initial_policy(base_model, tokenizer, rows, eval_rows,
-                                                               trained_adapter_dir, tmp_path):
+def test_case6_transformers_integration_adapter_initial_policy(
+    base_model, tokenizer, rows, eval_rows, trained_adapter_dir, tmp_path
+):
     """model.load_adapter(...) on a PreTrainedModel, no PeftModel: the reference is the initial policy (a
     frozen copy of the loaded adapter). Same weights as a PeftModel, so TRL's case-4 run is the oracle."""
     policy = integration_policy(base_model, trained_adapter_dir)
@@ -152,8 +158,9 @@ def test_case6_transformers_integration_adapter_initial_policy(base_model, token
 
 
 @pytestmark_slow
-def test_case6_integration_with_base_reference_matches_trl(saved_base, tokenizer, rows, eval_rows,
-                                                            trained_adapter_dir, tmp_path):
+def test_case6_integration_with_base_reference_matches_trl(
+    saved_base, tokenizer, rows, eval_rows, trained_adapter_dir, tmp_path
+):
     """TRL 1.16 treats an integration model as a plain model and loads its reference from the model's path,
     i.e. the bare base model: our peft_reference='base' is that choice, without a second model in memory."""
     a = parity_args(str(tmp_path / "out"), lora=True)
@@ -182,7 +189,12 @@ def _variant(variant, base_model, tmp_path):
     peft_policy(base_model, trained=True).save_pretrained(sft_dir)
     initial = peft_policy(base_model, trained=True)  # what the policy is at attach
     if variant == "peft-null":
-        return peft_policy(base_model, trained=True), {}, {"peft_reference": "base"}, copy.deepcopy(base_model)
+        return (
+            peft_policy(base_model, trained=True),
+            {},
+            {"peft_reference": "base"},
+            copy.deepcopy(base_model),
+        )
     if variant == "peft-copy":
         return peft_policy(base_model, trained=True), {}, {}, initial
     if variant == "peft-named":
@@ -190,18 +202,32 @@ def _variant(variant, base_model, tmp_path):
         policy.load_adapter(_second_adapter_dir(base_model, tmp_path), adapter_name="other")
         return policy, {"ref_adapter_name": "other"}, {}, peft_policy(base_model, trained=True, seed=7)
     if variant == "integration-null":
-        return integration_policy(base_model, str(sft_dir)), {}, {"peft_reference": "base"}, copy.deepcopy(base_model)
+        return (
+            integration_policy(base_model, str(sft_dir)),
+            {},
+            {"peft_reference": "base"},
+            copy.deepcopy(base_model),
+        )
     if variant == "integration-copy":
         return integration_policy(base_model, str(sft_dir)), {}, {}, initial
     if variant == "integration-named":
         policy = copy.deepcopy(base_model)
-        policy.load_adapter(_second_adapter_dir(base_model, tmp_path), adapter_name="ref")  # loaded first: inactive
+        policy.load_adapter(
+            _second_adapter_dir(base_model, tmp_path), adapter_name="ref"
+        )  # loaded first: inactive
         policy.load_adapter(str(sft_dir), adapter_name="default", is_trainable=True)
         return policy, {}, {}, peft_policy(base_model, trained=True, seed=7)
     raise AssertionError(variant)
 
 
-VARIANTS = ["peft-null", "peft-copy", "peft-named", "integration-null", "integration-copy", "integration-named"]
+VARIANTS = [
+    "peft-null",
+    "peft-copy",
+    "peft-named",
+    "integration-null",
+    "integration-copy",
+    "integration-named",
+]
 
 
 def _observe(model):
@@ -220,8 +246,9 @@ def test_reference_context_invariants(variant, base_model, tokenizer, rows, tmp_
     # custom freezing that peft's own switches would undo (they set requires_grad of a whole adapter)
     frozen = next(p for n, p in policy.named_parameters() if "lora_A" in n and p.requires_grad)
     frozen.requires_grad_(False)
-    kto, trainer = kto_trainer(policy, tokenizer, rows, tmp_path, kto_kwargs=config_kwargs,
-                               plugin_kwargs=plugin_kwargs)
+    kto, trainer = kto_trainer(
+        policy, tokenizer, rows, tmp_path, kto_kwargs=config_kwargs, plugin_kwargs=plugin_kwargs
+    )
     kto.attach(trainer)
     batch = kto.collator([trainer.train_dataset[i] for i in range(4)])
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -257,8 +284,16 @@ def test_reference_context_invariants(variant, base_model, tokenizer, rows, tmp_
 @pytest.mark.parametrize("variant", ["peft-null", "peft-copy", "peft-named", "integration-copy"])
 def test_training_touches_only_trainable_policy_parameters(variant, base_model, tokenizer, rows, tmp_path):
     policy, plugin_kwargs, config_kwargs, _ = _variant(variant, base_model, tmp_path)
-    kto, trainer = kto_trainer(policy, tokenizer, rows, tmp_path, kto_kwargs=config_kwargs,
-                               plugin_kwargs=plugin_kwargs, max_steps=3, learning_rate=1e-2)
+    kto, trainer = kto_trainer(
+        policy,
+        tokenizer,
+        rows,
+        tmp_path,
+        kto_kwargs=config_kwargs,
+        plugin_kwargs=plugin_kwargs,
+        max_steps=3,
+        learning_rate=1e-2,
+    )
     kto.attach(trainer)
     host = AdapterHost.of(policy)
     ref_name = kto.reference.ref_adapter_name
@@ -278,7 +313,9 @@ def test_training_touches_only_trainable_policy_parameters(variant, base_model, 
         if n in frozen_before:
             assert torch.equal(p, frozen_before[n]), f"{n} changed"
             assert p.grad is None, f"{n} has a gradient"
-    assert any(not torch.equal(named[n], trainable_before[n]) for n in trainable), "the policy adapter trained"
+    assert any(not torch.equal(named[n], trainable_before[n]) for n in trainable), (
+        "the policy adapter trained"
+    )
     if ref_name is not None:
         ref_params = host.parameters_of(ref_name)
         assert ref_params and not any(p.requires_grad for p in ref_params.values())
@@ -331,7 +368,9 @@ def test_noop_detection(base_model):
     assert AdapterHost.of(peft_policy(base_model, trained=True)).is_noop("default")[0] is False
     from peft import LoraConfig, get_peft_model
 
-    dora = get_peft_model(copy.deepcopy(base_model), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    dora = get_peft_model(
+        copy.deepcopy(base_model), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+    )
     noop, reason = AdapterHost.of(dora).is_noop("default")
     assert noop is False and "DoRA" in reason
     fresh = peft_policy(base_model, trained=False)
@@ -351,7 +390,9 @@ def test_auto_uses_the_base_model_for_a_fresh_adapter(base_model, tokenizer, row
 
 
 def _refused(policy, tokenizer, rows, tmp_path, match, kto_kwargs=None, **plugin_kwargs):
-    kto, trainer = kto_trainer(policy, tokenizer, rows, tmp_path, kto_kwargs=kto_kwargs, plugin_kwargs=plugin_kwargs)
+    kto, trainer = kto_trainer(
+        policy, tokenizer, rows, tmp_path, kto_kwargs=kto_kwargs, plugin_kwargs=plugin_kwargs
+    )
     with pytest.raises(ValueError, match=match):
         kto.attach(trainer)
     assert kto.trainer is None and trainer.compute_loss_func is None
@@ -367,23 +408,42 @@ def test_refuses_merged_adapters(base_model, tokenizer, rows, tmp_path):
 @pytest.mark.parametrize("peft_reference", ["auto", "base", "initial_adapter"])
 def test_refuses_adapter_bias_without_ref_model(peft_reference, base_model, tokenizer, rows, tmp_path):
     policy = peft_policy(base_model, trained=False, bias="lora_only")
-    _refused(policy, tokenizer, rows, tmp_path, "bias='lora_only'.*does not give the base model back",
-             kto_kwargs={"peft_reference": peft_reference})
+    _refused(
+        policy,
+        tokenizer,
+        rows,
+        tmp_path,
+        "bias='lora_only'.*does not give the base model back",
+        kto_kwargs={"peft_reference": peft_reference},
+    )
     # a separate reference model is a correct reference for such an adapter
-    kto, trainer = kto_trainer(policy, tokenizer, rows, tmp_path, plugin_kwargs={"ref_model": copy.deepcopy(policy)})
+    kto, trainer = kto_trainer(
+        policy, tokenizer, rows, tmp_path, plugin_kwargs={"ref_model": copy.deepcopy(policy)}
+    )
     kto.attach(trainer)
     assert kto.reference.mode == "model"
 
 
 def test_refuses_an_unknown_ref_adapter_name_listing_the_known(base_model, tokenizer, rows, tmp_path):
-    _refused(peft_policy(base_model, trained=True), tokenizer, rows, tmp_path,
-             r"ref_adapter_name='reff' is not an adapter of the model; it has \['default'\]",
-             ref_adapter_name="reff")
+    _refused(
+        peft_policy(base_model, trained=True),
+        tokenizer,
+        rows,
+        tmp_path,
+        r"ref_adapter_name='reff' is not an adapter of the model; it has \['default'\]",
+        ref_adapter_name="reff",
+    )
 
 
 def test_refuses_the_active_adapter_as_reference(base_model, tokenizer, rows, tmp_path):
-    _refused(peft_policy(base_model, trained=True), tokenizer, rows, tmp_path, "is the policy's active adapter",
-             ref_adapter_name="default")
+    _refused(
+        peft_policy(base_model, trained=True),
+        tokenizer,
+        rows,
+        tmp_path,
+        "is the policy's active adapter",
+        ref_adapter_name="default",
+    )
 
 
 def test_refuses_ref_model_that_is_the_policy(model, tokenizer, rows, tmp_path):
@@ -392,20 +452,34 @@ def test_refuses_ref_model_that_is_the_policy(model, tokenizer, rows, tmp_path):
 
 def test_refuses_ref_model_sharing_weights_with_the_policy(model, tokenizer, rows, tmp_path):
     shallow = copy.copy(model)  # a new object whose modules are the policy's
-    _refused(model, tokenizer, rows, tmp_path, "shares .* parameter tensors with the policy", ref_model=shallow)
+    _refused(
+        model, tokenizer, rows, tmp_path, "shares .* parameter tensors with the policy", ref_model=shallow
+    )
 
 
 def test_refuses_a_reference_with_another_vocabulary(model, tokenizer, rows, tmp_path):
     other = build_tiny_model(len(tokenizer) + 8, hidden_size=32, num_layers=2, num_heads=4, seed=3)
-    _refused(model, tokenizer, rows, tmp_path, r"vocabulary \(520 logits\) differs from the policy's \(512\)",
-             ref_model=other)
+    _refused(
+        model,
+        tokenizer,
+        rows,
+        tmp_path,
+        r"vocabulary \(520 logits\) differs from the policy's \(512\)",
+        ref_model=other,
+    )
 
 
 def test_refuses_initial_adapter_when_ref_exists(base_model, tokenizer, rows, tmp_path, trained_adapter_dir):
     policy = peft_policy(base_model, trained=True)
     policy.load_adapter(trained_adapter_dir, adapter_name="ref")
-    _refused(policy, tokenizer, rows, tmp_path, "already has an adapter named 'ref'",
-             kto_kwargs={"peft_reference": "initial_adapter"})
+    _refused(
+        policy,
+        tokenizer,
+        rows,
+        tmp_path,
+        "already has an adapter named 'ref'",
+        kto_kwargs={"peft_reference": "initial_adapter"},
+    )
 
 
 def test_peft_reference_is_validated():
@@ -426,7 +500,9 @@ class _Stub:
 
 
 def test_deepspeed_zero2_reference_is_a_full_copy_in_the_deepspeed_dtype(model):
-    plugin = _Stub(zero_stage=2, deepspeed_config={"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}})
+    plugin = _Stub(
+        zero_stage=2, deepspeed_config={"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}
+    )
     accelerator = _Stub(state=_Stub(deepspeed_plugin=plugin), device=torch.device("cpu"))
     trainer = _Stub(is_deepspeed_enabled=True, is_fsdp_enabled=False, accelerator=accelerator)
     ref = prepare_reference(trainer, model.train())
@@ -438,13 +514,17 @@ def test_plain_reference_is_prepared_by_accelerate_in_eval_mode(model, tokenizer
     trainer = Trainer(model=copy.deepcopy(model), args=args(tmp_path))
     ref = prepare_reference(trainer, model)
     assert ref is model
-    assert ref in trainer.accelerator._models and not isinstance(ref, torch.nn.parallel.DistributedDataParallel)
+    assert ref in trainer.accelerator._models and not isinstance(
+        ref, torch.nn.parallel.DistributedDataParallel
+    )
 
 
 def test_plugin_ref_model_argument_conflicts(model, tokenizer, rows, tmp_path):
-    kto = KTOPlugin(KTOConfig(max_length=96), tokenizer=tokenizer, ref_model=copy.deepcopy(model),
-                    ref_adapter_name="ref")
-    trainer = Trainer(model=model, args=args(tmp_path), train_dataset=kto.prepare_dataset(rows),
-                      data_collator=kto.collator)
+    kto = KTOPlugin(
+        KTOConfig(max_length=96), tokenizer=tokenizer, ref_model=copy.deepcopy(model), ref_adapter_name="ref"
+    )
+    trainer = Trainer(
+        model=model, args=args(tmp_path), train_dataset=kto.prepare_dataset(rows), data_collator=kto.collator
+    )
     with pytest.raises(ValueError, match="either ref_model or ref_adapter_name"):
         kto.attach(trainer)
