@@ -1,5 +1,4 @@
-"""Precomputed reference log-probs (`precompute_ref_log_probs=True`): one pass before training, then no
-reference.
+"""Precomputed reference log-probs (`precompute_ref_log_probs=True`): one pass, then no reference model.
 
 For every row the pass stores three columns:
 
@@ -7,17 +6,20 @@ For every row the pass stores three columns:
 * ``kl_completion_ids``: the completion of the row's fixed KL partner, and
 * ``ref_kl_logps``: the reference's log-prob of that partner completion after the row's prompt.
 
-**Why a fixed partner.** z0 pairs each prompt with another row's completion. Without precomputation the
+**Why a fixed partner.** z0 pairs each prompt with another row's completion. Without precomputation our
 collator pairs within each batch (prompt i with completion i - 1), which is only known once the sampler has
-drawn the batch; a precompute pass cannot know it under shuffling, and TRL 1.16 therefore requires a
-sequential sampler. Here the pairing is decided at precompute time and stored with the row, and the collator
-uses the stored partner completion whenever a row carries one, so the policy's KL pass at train time scores
-exactly the pair whose reference log-prob was stored, whatever the sampler or the number of processes.
+drawn the batch; a precompute pass cannot know it under shuffling. So the pairing is decided at precompute
+time and stored with the row, and the collator uses the stored partner completion whenever a row carries one:
+the policy's KL pass at train time scores exactly the pair whose reference log-prob was stored, whatever the
+sampler or the number of processes. (TRL 1.16 also stores a fixed partner per row, at dataset preparation,
+and requires a sequential sampler for the KL losses so that the partners are the batch's own completions.)
 
-The partner of row i is TRL's pairing: the previous row within consecutive groups of
-``per_device_{train,eval}_batch_size`` rows, the first row of a group taking the group's last (a trailing
-group of one row is paired with the row before it). Under a sequential sampler these are exactly the pairs the
-rotating collator builds, so the numbers equal TRL's precomputed ones.
+The partner of row i is TRL's: the previous row within consecutive groups of `per_device_train_batch_size`
+rows, the first row of a group taking the group's last. Under a sequential sampler these are exactly the pairs
+the rotating collator builds, so the numbers equal TRL's. Two deliberate differences: evaluation datasets are
+grouped by `per_device_eval_batch_size` (the pairs our collator builds in an evaluation batch; TRL groups them
+by the train batch size), and a trailing group of one row is paired with the row before it (TRL pairs it with
+itself, which is no mismatch).
 
 **Cache.** The three columns (as partner indices) are stored under ``precompute_cache_dir``, keyed by a
 content hash of the dataset's token columns, a hash of the reference's weights, the reference mode and the
