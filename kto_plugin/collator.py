@@ -24,6 +24,23 @@ class KTOLabels(dict):
         return super().__getitem__(key)
 
 
+def float32_as_bits(values: Sequence[float]) -> torch.Tensor:
+    """float32 values carried as their int32 bit patterns.
+
+    Under DeepSpeed the Trainer casts every floating-point tensor of a batch (labels included) to the
+    DeepSpeed dtype; in bfloat16 a log-prob of -200 keeps 3 significant digits. Integers pass untouched, so
+    precomputed reference log-probs travel as bits and `bits_as_float32` restores them exactly.
+
+    >>> bits_as_float32(float32_as_bits([-1.5, 2.0])).tolist()
+    [-1.5, 2.0]
+    """
+    return torch.tensor(values, dtype=torch.float32).view(torch.int32)
+
+
+def bits_as_float32(bits: torch.Tensor) -> torch.Tensor:
+    return bits.view(torch.float32)
+
+
 def pad(rows: Sequence[Sequence[int]], value: int, pad_to_multiple_of: int | None = None) -> torch.Tensor:
     """Right-pad integer rows to the longest (rounded up to a multiple of `pad_to_multiple_of`).
 
@@ -50,13 +67,18 @@ class KTOCollator:
          "labels": KTOLabels(label=(B,) bool, input_ids=(B, T), attention_mask=(B, T),
                              completion_labels=(B, T) token id on completion tokens, -100 elsewhere,
                              kl_input_ids=(B, T'), kl_attention_mask=(B, T'), kl_completion_labels=(B, T'),
-                             ref_logps=(B,), ref_kl_logps=(B,))}  # the last two only if precomputed
+                             ref_logps_bits=(B,), ref_kl_logps_bits=(B,))}  # only if precomputed
 
-    The loss hook sees only `labels`, so the target ids and mask are repeated there. The KL batch pairs prompt i with completion i - 1 (row 0 takes the last row's completion), so each
-    prompt meets a completion it was not written for, and the mismatched completions are exactly the
-    batch's own (paper section 4.1). Under a sequential sampler this is TRL's pairing; under any sampler it
-    is still a true mismatch. Rows are cut to `max_length` keeping the start (TRL 1.16); with
-    ``truncation_mode="keep_end"`` the end of the prompt and the whole completion are kept instead.
+    The loss hook sees only `labels`, so the target ids and mask are repeated there. The KL batch pairs
+    prompt i with completion i - 1 (row 0 takes the last row's completion), so each prompt meets a
+    completion it was not written for, and the mismatched completions are exactly the batch's own (paper
+    section 4.1). Under a sequential sampler this is TRL's pairing; under any sampler it is still a true
+    mismatch. Rows that carry a ``kl_completion_ids`` column (a fixed partner stored by the precompute pass,
+    see `kto_plugin.precompute`) are paired with that completion instead, so the pair scored by the policy
+    is the one whose reference log-prob was precomputed, whatever the sampler. Precomputed ``ref_logps`` and
+    ``ref_kl_logps`` columns travel as float32 bit patterns (`float32_as_bits`). Rows are cut to
+    `max_length` keeping the start (TRL 1.16); with ``truncation_mode="keep_end"`` the end of the prompt and
+    the whole completion are kept instead.
 
     Worked example (pad 0, no max_length)::
 
@@ -109,7 +131,8 @@ class KTOCollator:
                     f"KTOCollator: row 0 has no {key!r} column (it has {sorted(rows[0])}). Pass the dataset "
                     f"through `KTOPlugin.prepare_dataset` first, and keep `remove_unused_columns=False`."
                 )
-        if self.build_kl and len(rows) < 2:
+        stored_partners = "kl_completion_ids" in rows[0]
+        if self.build_kl and len(rows) < 2 and not stored_partners:
             raise ValueError(
                 "KTOCollator got a batch of 1 row: KTO estimates its KL reference point from mismatched "
                 "(prompt, completion) pairs within a per-device batch, and one row has no mismatched partner. "
@@ -126,9 +149,13 @@ class KTOCollator:
             completion_labels=completion_labels,
         )
         if self.build_kl:
-            kl_ids, kl_mask, kl_labels = self._side(prompts, completions[-1:] + completions[:-1])
+            if stored_partners:
+                kl_completions = [r["kl_completion_ids"] for r in rows]
+            else:
+                kl_completions = completions[-1:] + completions[:-1]
+            kl_ids, kl_mask, kl_labels = self._side(prompts, kl_completions)
             labels.update(kl_input_ids=kl_ids, kl_attention_mask=kl_mask, kl_completion_labels=kl_labels)
         for key in ("ref_logps", "ref_kl_logps"):
             if key in rows[0]:
-                labels[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
+                labels[f"{key}_bits"] = float32_as_bits([r[key] for r in rows])
         return {"input_ids": input_ids, "attention_mask": attention_mask, **self.model_kwargs, "labels": labels}

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .collator import bits_as_float32
 from .config import KTOConfig
 from .logprobs import LogpsPath, SequenceLogps
 from .loss import kl_reference_point, weighted_mean
@@ -116,23 +117,39 @@ class KTOComputeLoss:
                     model, policy_head, labels["kl_input_ids"], labels["kl_attention_mask"],
                     labels["kl_completion_labels"],
                 ).logps
-            if "ref_logps" in labels:
-                reference_logps = labels["ref_logps"].float()
-                reference_kl = labels.get("ref_kl_logps")
-                if self.needs_kl and reference_kl is None:
-                    raise ValueError("Precomputed reference log-probs lack 'ref_kl_logps' for a loss that needs KL.")
-                return reference_logps, policy_kl, reference_kl
-            with self.reference.activate(trainer) as ref_module:
-                ref_head = lm_head_of(trainer.accelerator.unwrap_model(ref_module))
-                reference_logps = self.reference_path.forward(
-                    ref_module, ref_head, labels["input_ids"], labels["attention_mask"], labels["completion_labels"]
-                ).logps
+            if "ref_logps_bits" in labels:
+                reference_logps = bits_as_float32(labels["ref_logps_bits"])
+                if self.needs_kl and "ref_kl_logps_bits" not in labels:
+                    raise ValueError(
+                        "Precomputed reference log-probs lack 'ref_kl_logps' for "
+                        f"loss_type={self.config.loss_type!r}, which needs the KL term: precompute with that "
+                        "loss type (the column is computed only when the loss needs it)."
+                    )
                 if self.needs_kl:
-                    reference_kl = self.reference_path.forward(
-                        ref_module, ref_head, labels["kl_input_ids"], labels["kl_attention_mask"],
-                        labels["kl_completion_labels"],
-                    ).logps
+                    reference_kl = bits_as_float32(labels["ref_kl_logps_bits"])
+                return reference_logps, policy_kl, reference_kl
+            reference_logps, reference_kl = self.reference_logps(trainer, labels)
         return reference_logps, policy_kl, reference_kl
+
+    def reference_logps(self, trainer: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The reference's summed log-probs of the target batch (B,) and, for KL, of the KL batch (B,).
+
+        Call under `torch.no_grad()`; `labels` is a collated `KTOLabels` on the device. Also used by the
+        precompute pass, so precomputed and live reference log-probs come from the same code.
+        """
+        reference_kl = None
+        with self.reference.activate(trainer) as ref_module:
+            ref_head = lm_head_of(trainer.accelerator.unwrap_model(ref_module))
+            reference_logps = self.reference_path.forward(
+                ref_module, ref_head, labels["input_ids"], labels["attention_mask"],
+                labels["completion_labels"],
+            ).logps
+            if self.needs_kl:
+                reference_kl = self.reference_path.forward(
+                    ref_module, ref_head, labels["kl_input_ids"], labels["kl_attention_mask"],
+                    labels["kl_completion_labels"],
+                ).logps
+        return reference_logps, reference_kl
 
     def _reference_point(self, trainer: Any, policy_kl: torch.Tensor, reference_kl: torch.Tensor) -> torch.Tensor:
         """z0: the detached, clamped mean log-ratio of mismatched pairs over all processes (paper section 4.1)."""

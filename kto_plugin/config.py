@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
+PEFT_REFERENCES = ("auto", "initial_adapter", "base")
 KL_ESTIMATES = ("batch", "window")
 
 
@@ -90,6 +91,30 @@ class KTOConfig:
         default=None,
         metadata={"help": "Batch size of the precomputation pass. None: the per-device train/eval batch size."},
     )
+    precompute_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Cache precomputed reference log-probs on disk, keyed by dataset content, reference "
+            "weights and settings, and reuse them in later runs."
+        },
+    )
+    precompute_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory of that cache. None: $KTO_PLUGIN_CACHE/ref_logps, else "
+            "~/.cache/kto_plugin/ref_logps."
+        },
+    )
+    peft_reference: str = field(
+        default="auto",
+        metadata={
+            "help": "Reference of a PEFT policy given no ref_model, no ref_adapter_name and no adapter "
+            "named 'ref': 'auto' (the initial policy: the base model when the adapter is still a no-op, "
+            "e.g. a fresh LoRA, else a frozen copy of the adapter named 'ref'), 'initial_adapter' (always "
+            "that copy, as TRL 1.16 does for a PeftModel) or 'base' (always the base model, adapters off).",
+            "choices": list(PEFT_REFERENCES),
+        },
+    )
     sync_ref_model: bool = field(
         default=False,
         metadata={"help": "TR-DPO style: mix the policy into the reference every ref_model_sync_steps steps."},
@@ -165,6 +190,10 @@ class KTOConfig:
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(
                 f"KTOConfig.truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}."
+            )
+        if self.peft_reference not in PEFT_REFERENCES:
+            raise ValueError(
+                f"KTOConfig.peft_reference must be one of {PEFT_REFERENCES}, got {self.peft_reference!r}."
             )
         if self.kl_estimate not in KL_ESTIMATES:
             raise ValueError(f"KTOConfig.kl_estimate must be one of {KL_ESTIMATES}, got {self.kl_estimate!r}.")

@@ -16,7 +16,10 @@ from .guidance import Adviser, attach_advice, label_counts
 from .logprobs import choose_path
 from .metrics import KTOMetricsCallback, MetricsAccumulator
 from .plugin_manager import KTOPluginManager
-from .reference import ReferenceManager, disable_dropout, is_peft_model
+from .adapters import AdapterHost
+from .precompute import ReferencePrecomputer, default_cache_dir
+from .reference import ReferenceManager, disable_dropout, preserved_state
+from .sharding import sharding_of
 
 logger = logging.getLogger("kto_plugin")
 
@@ -37,8 +40,9 @@ class KTOPlugin:
     Args:
         config: KTO settings; default `KTOConfig()`.
         tokenizer: the policy's tokenizer (its pad token pads batches; EOS ends plain-text completions).
-        ref_model: a separate reference model. None: a frozen copy of the initial policy, or for a PEFT
-            model the base model with the adapter off (or the adapter named by `ref_adapter_name`).
+        ref_model: a separate reference model. None: the initial policy: a frozen copy of a plain model; for a
+            PEFT model the base model with the adapter off, or a frozen copy of an already-trained adapter
+            (`KTOConfig.peft_reference`); with `precompute_ref_log_probs`, no reference model at all.
         ref_adapter_name: a PEFT adapter of the policy to use as the reference (an adapter named ``"ref"``
             is used by convention when present).
         plugins: extra pluggy plugins (objects or modules with `@kto_plugin.hookimpl` hooks).
@@ -83,6 +87,7 @@ class KTOPlugin:
         self._callback: KTOMetricsCallback | None = None
         self._restore_dropout: list = []
         self.adviser = Adviser()
+        self._precomputer: ReferencePrecomputer | None = None
 
     # --- data ---
 
@@ -133,8 +138,16 @@ class KTOPlugin:
         saved["label_names"] = trainer.label_names
         saved["data_collator"] = trainer.data_collator
         saved["collator_model_kwargs"] = self.collator.model_kwargs
+        saved["train_dataset"] = trainer.train_dataset
+        saved["eval_dataset"] = trainer.eval_dataset
 
-        self.reference.setup(trainer, policy, disable_ref_dropout=self.config.disable_dropout)
+        self.reference.setup(
+            trainer,
+            policy,
+            disable_ref_dropout=self.config.disable_dropout,
+            peft_reference=self.config.peft_reference,
+            precompute=self.config.precompute_ref_log_probs,
+        )
         policy_path = choose_path(policy, sharded=self._sharded(trainer))
         reference_model = self.reference.ref_model
         reference_path = (
@@ -157,10 +170,17 @@ class KTOPlugin:
         if self.config.disable_dropout:
             self._restore_dropout = disable_dropout(policy)
         self.trainer = trainer
+        if self.config.precompute_ref_log_probs:
+            try:
+                self._precompute_attached_datasets(trainer)
+            except BaseException:
+                self.detach()
+                raise
         counts = label_counts(trainer, self.data_reports)
         self._log_summary(policy_path, counts)
         if self.config.warn_guidance:
-            self.adviser.give(attach_advice(self.config, trainer, self.needs_kl, is_peft_model(policy), counts))
+            is_adapter = AdapterHost.of(policy) is not None
+            self.adviser.give(attach_advice(self.config, trainer, self.needs_kl, is_adapter, counts))
         return trainer
 
     def _log_summary(self, policy_path: Any, counts: tuple[int, int] | None) -> None:
@@ -199,6 +219,8 @@ class KTOPlugin:
         trainer.label_names = saved["label_names"]
         trainer.data_collator = saved["data_collator"]
         self.collator.model_kwargs = saved["collator_model_kwargs"]
+        trainer.train_dataset = saved["train_dataset"]
+        trainer.eval_dataset = saved["eval_dataset"]
         if self._callback in trainer.callback_handler.callbacks:
             trainer.callback_handler.callbacks.remove(self._callback)
         for module, p in self._restore_dropout:
@@ -207,7 +229,97 @@ class KTOPlugin:
         self.reference.teardown()
         self._callback = None
         self._saved = {}
+        self._precomputer = None
         self.trainer = None
+
+    # --- precomputed reference log-probs ---
+
+    def precompute_reference(self, dataset: Any, name: str = "eval", train: bool = False) -> Any:
+        """`dataset` with precomputed reference log-probs (``ref_logps``, and for KL ``kl_completion_ids``,
+        ``ref_kl_logps``), from the attached reference; cached like the datasets precomputed at `attach()`.
+
+        Use it for a dataset you pass later:
+        ``trainer.evaluate(eval_dataset=kto.precompute_reference(ds))``. KL partners are grouped by
+        ``per_device_eval_batch_size`` (``per_device_train_batch_size`` if `train`). A separate reference
+        model is released after `attach()`'s pass, and the initial policy is gone after the first training
+        step; an adapter reference is always available.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            raise RuntimeError(
+                "precompute_reference needs an attached trainer: call kto.attach(trainer) first."
+            )
+        self._check_precomputable(dataset, name)
+        args = trainer.args
+        group = args.per_device_train_batch_size if train else args.per_device_eval_batch_size
+        batch_size = self.config.precompute_ref_batch_size or group
+        if self._precomputer is None:
+            self._precomputer = self._make_precomputer(trainer)
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        with preserved_state(policy):
+            policy.eval()  # a deterministic reference: no dropout whatever disable_dropout says
+            return self._precomputer(dataset, name, group, batch_size)
+
+    def _make_precomputer(self, trainer: Any) -> ReferencePrecomputer:
+        if self.reference.mode == "released":
+            raise ValueError(
+                "The reference model was released after attach()'s precompute pass "
+                "(precompute_ref_log_probs=True). Pass every dataset to the Trainer before "
+                "kto.attach(trainer) so it is precomputed then."
+            )
+        config = self.config
+        cache_dir = (config.precompute_cache_dir or default_cache_dir()) if config.precompute_cache else None
+        settings = {
+            "max_length": config.max_length,
+            "truncation_mode": config.truncation_mode,
+            "logps_path": self.loss_hook.reference_path.name,
+        }
+        return ReferencePrecomputer(
+            trainer,
+            self.reference,
+            lambda labels: self.loss_hook.reference_logps(trainer, labels),
+            self.collator,
+            settings,
+            self.needs_kl,
+            cache_dir,
+        )
+
+    def _precompute_attached_datasets(self, trainer: Any) -> None:
+        if trainer.train_dataset is not None:
+            trainer.train_dataset = self.precompute_reference(trainer.train_dataset, name="train", train=True)
+        if isinstance(trainer.eval_dataset, dict):
+            trainer.eval_dataset = {
+                name: self.precompute_reference(ds, name=name) for name, ds in trainer.eval_dataset.items()
+            }
+        elif trainer.eval_dataset is not None:
+            trainer.eval_dataset = self.precompute_reference(trainer.eval_dataset, name="eval")
+        if self.reference.holds_model:
+            self.reference.release()
+            logger.info("kto_plugin: reference model released; training uses the precomputed log-probs")
+
+    def _check_precomputable(self, dataset: Any, name: str) -> None:
+        if isinstance(dataset, datasets.IterableDataset):
+            raise ValueError(
+                f"precompute_ref_log_probs=True cannot precompute the {name} dataset: it is an "
+                "IterableDataset. Precomputation runs the reference over every row once before training and "
+                "stores the results as columns of the dataset (cached on disk by its content), which needs a "
+                "map-style dataset whose rows can be counted, indexed and extended; a stream has none of "
+                "that. Materialise it (e.g. datasets.Dataset.from_generator(...) or load_dataset(..., "
+                "streaming=False)), or set precompute_ref_log_probs=False to compute reference log-probs on "
+                "the fly."
+            )
+        if not isinstance(dataset, datasets.Dataset):
+            raise TypeError(
+                f"precompute_ref_log_probs=True needs the {name} dataset as a datasets.Dataset (it adds "
+                f"columns), got {type(dataset).__name__}. Use kto.prepare_dataset(...), or "
+                "datasets.Dataset.from_list(rows)."
+            )
+        missing = [c for c in ("prompt_ids", "completion_ids", "label") if c not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"The {name} dataset lacks {missing} (it has {dataset.column_names}): pass it through "
+                "kto.prepare_dataset(...) before precomputing."
+            )
 
     # --- checks ---
 
@@ -230,6 +342,24 @@ class KTOPlugin:
                 f"the batch size, or add or remove a row."
             )
 
+    def _validate_precompute(self, trainer: Any) -> None:
+        kind = sharding_of(trainer)
+        if kind in ("fsdp", "deepspeed3"):
+            raise NotImplementedError(
+                f"precompute_ref_log_probs=True under {'FSDP' if kind == 'fsdp' else 'DeepSpeed ZeRO-3'} "
+                "is not supported in this version: at attach() the policy is not yet sharded and placed, so "
+                "the pass cannot run there. Use a PEFT model (its null reference costs no memory), or "
+                "DeepSpeed ZeRO-1/2 / DDP."
+            )
+        splits = {"train": trainer.train_dataset}
+        if isinstance(trainer.eval_dataset, dict):
+            splits.update(trainer.eval_dataset)
+        else:
+            splits["eval"] = trainer.eval_dataset
+        for name, dataset in splits.items():
+            if dataset is not None:
+                self._check_precomputable(dataset, name)
+
     def _validate(self, trainer: Any) -> None:
         args = trainer.args
         if self.needs_kl:
@@ -247,9 +377,10 @@ class KTOPlugin:
                     "eval": trainer.eval_dataset}
                 for name, ds in eval_sets.items():
                     self._check_last_batch(ds, args.per_device_eval_batch_size, args.dataloader_drop_last, name)
+        if self.config.precompute_ref_log_probs:
+            self._validate_precompute(trainer)
         unsupported = {
             "sync_ref_model": self.config.sync_ref_model,
-            "precompute_ref_log_probs": self.config.precompute_ref_log_probs,
             "activation_offloading": self.config.activation_offloading,
             "router_aux_loss_coef": self.config.router_aux_loss_coef is not None,
             "kl_estimate='window'": self.config.kl_estimate == "window",

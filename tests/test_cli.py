@@ -80,7 +80,7 @@ def test_named_local_model_and_jsonl_data_with_lora(tmp_path, base_model, tokeni
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
     card = (out / "README.md").read_text()
-    assert "adapter disabled" in card  # the null reference
+    assert "the base model, adapters off" in card  # the null reference
 
 
 def test_model_without_data_is_refused():

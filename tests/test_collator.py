@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kto_plugin.collator import KTOCollator, KTOLabels, pad
+from kto_plugin.collator import KTOCollator, KTOLabels, bits_as_float32, float32_as_bits, pad
 
 M = -100
 ROWS = [
@@ -82,8 +82,25 @@ def test_model_kwargs_and_precomputed_columns():
     rows = [dict(r, ref_logps=-1.5 * i, ref_kl_logps=-2.0 * i) for i, r in enumerate(ROWS)]
     batch = collator(rows)
     assert batch["use_cache"] is False
-    assert batch["labels"]["ref_logps"].tolist() == [0.0, -1.5, -3.0]
-    assert batch["labels"]["ref_kl_logps"].dtype == torch.float32
+    # carried as int32 bit patterns, so the Trainer's DeepSpeed cast of floating inputs cannot round them
+    assert batch["labels"]["ref_logps_bits"].dtype == torch.int32
+    assert bits_as_float32(batch["labels"]["ref_logps_bits"]).tolist() == [0.0, -1.5, -3.0]
+    assert bits_as_float32(batch["labels"]["ref_kl_logps_bits"]).tolist() == [0.0, -2.0, -4.0]
+    exact = -123.456789
+    assert bits_as_float32(float32_as_bits([exact])).item() == torch.tensor(exact, dtype=torch.float32).item()
+
+
+def test_stored_kl_partners_replace_the_rotation():
+    rows = [dict(r, kl_completion_ids=[50 + i]) for i, r in enumerate(ROWS)]
+    batch = KTOCollator(pad_token_id=0)(rows)
+    labels = batch["labels"]
+    for i, row in enumerate(ROWS):
+        width = len(row["prompt_ids"]) + 1
+        assert labels["kl_input_ids"][i, :width].tolist() == list(row["prompt_ids"]) + [50 + i]
+        expected = [-100] * len(row["prompt_ids"]) + [50 + i]
+        assert labels["kl_completion_labels"][i, :width].tolist() == expected
+    # one row is enough when its partner is stored
+    assert KTOCollator(pad_token_id=0)(rows[:1])["labels"]["kl_input_ids"].shape[0] == 1
 
 
 def test_missing_column_names_the_fix():

@@ -26,7 +26,7 @@ def test_add_kto_to_existing_trainer(tmp_path):
 
 def test_lora_null_reference(tmp_path):
     out = run("lora_null_reference.py", "--max_steps", "2", "--output_dir", str(tmp_path))
-    assert "reference: PEFT base model (adapter disabled)" in out
+    assert "reference: the base model, adapters off" in out
     assert (tmp_path / "adapter_config.json").exists()
 
 

@@ -1,0 +1,117 @@
+"""Preparing a separate reference model for the Trainer's distributed set-up (case: `ref_model=` or a frozen
+copy).
+
+What each set-up gets (the facts follow TRL 1.16's `prepare_deepspeed` / `prepare_fsdp` and accelerate 1.15):
+
+* no sharding (one device, DDP): ``accelerator.prepare_model(model, evaluation_mode=True)``: moved to the
+  device and, under mixed precision, given the same autocast forward as the policy; never wrapped in DDP (it
+  has no gradients to synchronise).
+* DeepSpeed ZeRO-0/1/2: a full copy on every device, cast to DeepSpeed's compute dtype (bf16/fp16 when the
+  DeepSpeed config enables it), as TRL's stage-0 inference engine does; no engine is needed for a module
+  without optimizer state.
+* DeepSpeed ZeRO-3: a DeepSpeed inference engine over the reference (the DeepSpeed config without optimizer,
+  scheduler and optimizer offload; ``"auto"`` bucket sizes resolved from the hidden size), so the reference is
+  sharded like the policy and gathered layer by layer in its forward.
+* FSDP2: accelerate's ``fsdp2_prepare_model`` (the plugin's auto-wrap policy, mixed precision, CPU offload
+  and mesh), FSDP1: ``FullyShardedDataParallel`` with the plugin's settings; eval mode.
+
+The ZeRO-3 and FSDP branches need GPUs and several processes and are not exercised by this repository's
+tests (no GPU here; multi-process tests live with issue #6). Under any of these set-ups log-probs come from
+the model's own logits (`kto_plugin.logprobs.choose_path(sharded=True)`), since a sharded LM head cannot be
+applied outside the model's forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("kto_plugin")
+
+
+def sharding_of(trainer: Any) -> str:
+    """``"fsdp"``, ``"deepspeed3"``, ``"deepspeed"`` (ZeRO-0/1/2) or ``"none"``."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return "fsdp"
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        plugin = trainer.accelerator.state.deepspeed_plugin
+        return "deepspeed3" if int(getattr(plugin, "zero_stage", 0) or 0) == 3 else "deepspeed"
+    return "none"
+
+
+def prepare_reference(trainer: Any, model: nn.Module) -> nn.Module:
+    """Place (and where the policy is sharded, shard) a frozen reference model; returns the module to call."""
+    accelerator = trainer.accelerator
+    kind = sharding_of(trainer)
+    if kind == "none":
+        return accelerator.prepare_model(model, evaluation_mode=True)
+    logger.info("kto_plugin: preparing the reference model for %s", kind)
+    if kind == "deepspeed":
+        dtype = _deepspeed_dtype(accelerator.state.deepspeed_plugin.deepspeed_config)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.to(accelerator.device).eval()
+    if kind == "deepspeed3":  # pragma: no cover - needs deepspeed and GPUs
+        return _deepspeed_inference_engine(model, accelerator)
+    return _fsdp(model, accelerator)  # pragma: no cover - needs GPUs
+
+
+def _deepspeed_dtype(config: dict[str, Any]) -> torch.dtype | None:
+    if (config.get("bf16") or {}).get("enabled") in (True, "true"):
+        return torch.bfloat16
+    if (config.get("fp16") or {}).get("enabled") in (True, "true"):
+        return torch.float16
+    return None
+
+
+def _deepspeed_inference_engine(model: nn.Module, accelerator: Any) -> nn.Module:  # pragma: no cover
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    zero = config.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if hidden is not None:
+        for key, value in (
+            ("reduce_bucket_size", hidden * hidden),
+            ("stage3_param_persistence_threshold", 10 * hidden),
+            ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+        ):
+            if zero.get(key) == "auto":
+                zero[key] = value
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def _fsdp(model: nn.Module, accelerator: Any) -> nn.Module:  # pragma: no cover - needs GPUs
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version == 2:
+        from accelerate.utils import fsdp2_prepare_model
+
+        model = fsdp2_prepare_model(accelerator, model)
+    else:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        plugin.set_auto_wrap_policy(model)
+        model = FullyShardedDataParallel(
+            model,
+            sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
+            cpu_offload=plugin.cpu_offload,
+            auto_wrap_policy=plugin.auto_wrap_policy,
+            mixed_precision=plugin.mixed_precision_policy,
+            sync_module_states=plugin.sync_module_states,
+            backward_prefetch=plugin.backward_prefetch,
+            forward_prefetch=plugin.forward_prefetch,
+            use_orig_params=plugin.use_orig_params,
+            limit_all_gathers=plugin.limit_all_gathers,
+            device_id=accelerator.device,
+        )
+    model.eval()
+    return model
