@@ -62,6 +62,7 @@ class KTOMetricsCallback(TrainerCallback):
     def __init__(self, accumulator: MetricsAccumulator, is_training: Any) -> None:
         self.accumulator = accumulator
         self._is_training = is_training  # () -> bool: the trainer model's mode, as TRL reads it
+        self.injected_keys: set[str] = set()  # every key added so far (a search objective leaves them out)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any):
         if logs is None:
@@ -74,5 +75,6 @@ class KTOMetricsCallback(TrainerCallback):
         if not extra:
             return
         logs.update(extra)
+        self.injected_keys.update(extra)
         if state.log_history and state.log_history[-1] is not logs:
             state.log_history[-1].update(extra)

@@ -9,11 +9,13 @@ from typing import Any
 import datasets
 
 from .collator import KTOCollator
+from .compat import TrainerCompat, check_liger
 from .compute_loss import KTOComputeLoss
 from .config import KTOConfig
 from .data import DataReport, _as_dataset, prepare_split
+from .generation import KTOGenerationCallback
 from .guidance import Adviser, attach_advice, label_counts
-from .logprobs import choose_path
+from .logprobs import LogpsPath, choose_path
 from .metrics import KTOMetricsCallback, MetricsAccumulator
 from .plugin_manager import KTOPluginManager
 from .reference import ReferenceManager, disable_dropout, is_peft_model
@@ -81,6 +83,8 @@ class KTOPlugin:
         self.trainer: Any = None
         self._saved: dict[str, Any] = {}
         self._callback: KTOMetricsCallback | None = None
+        self._generation: KTOGenerationCallback | None = None
+        self._compat = TrainerCompat(self)
         self._restore_dropout: list = []
         self.adviser = Adviser()
 
@@ -134,16 +138,7 @@ class KTOPlugin:
         saved["data_collator"] = trainer.data_collator
         saved["collator_model_kwargs"] = self.collator.model_kwargs
 
-        self.reference.setup(trainer, policy, disable_ref_dropout=self.config.disable_dropout)
-        policy_path = choose_path(policy, sharded=self._sharded(trainer))
-        reference_model = self.reference.ref_model
-        reference_path = (
-            choose_path(trainer.accelerator.unwrap_model(reference_model), sharded=self._sharded(trainer))
-            if reference_model is not None
-            else policy_path
-        )
-        self.loss_hook.bind(trainer, policy_path, reference_path)
-        self.collator.model_kwargs = policy_path.model_kwargs()
+        policy_path = self._bind_model(trainer, policy)
 
         trainer.compute_loss_func = self.loss_hook
         # the loss is a per-micro-batch mean: let the Trainer divide by the accumulation steps
@@ -154,14 +149,58 @@ class KTOPlugin:
             trainer.data_collator = self.collator
         self._callback = KTOMetricsCallback(self.metrics, lambda: trainer.model.training)
         trainer.callback_handler.callbacks.insert(0, self._callback)
-        if self.config.disable_dropout:
-            self._restore_dropout = disable_dropout(policy)
+        if self.config.generate_during_eval:
+            self._generation = KTOGenerationCallback(
+                trainer, self.reference, self.tokenizer, self.config.generate_num_prompts,
+                self.config.generate_max_new_tokens,
+            )
+            trainer.callback_handler.callbacks.insert(1, self._generation)
+        self._compat.install(trainer)
         self.trainer = trainer
         counts = label_counts(trainer, self.data_reports)
         self._log_summary(policy_path, counts)
         if self.config.warn_guidance:
             self.adviser.give(attach_advice(self.config, trainer, self.needs_kl, is_peft_model(policy), counts))
         return trainer
+
+    def _bind_model(self, trainer: Any, policy: Any) -> LogpsPath:
+        """Everything tied to the policy instance: the reference, the log-prob paths, dropout."""
+        self.reference.setup(trainer, policy, disable_ref_dropout=self.config.disable_dropout)
+        policy_path = choose_path(policy, sharded=self._sharded(trainer))
+        reference_model = self.reference.ref_model
+        reference_path = (
+            choose_path(trainer.accelerator.unwrap_model(reference_model), sharded=self._sharded(trainer))
+            if reference_model is not None
+            else policy_path
+        )
+        self.loss_hook.bind(trainer, policy_path, reference_path)
+        self.collator.model_kwargs = policy_path.model_kwargs()
+        if self.config.disable_dropout:
+            self._restore_dropout = disable_dropout(policy)
+        return policy_path
+
+    def _unbind_model(self) -> None:
+        for module, p in self._restore_dropout:
+            module.p = p
+        self._restore_dropout = []
+        self.reference.teardown()
+
+    def rebind(self, trainer: Any, policy: Any) -> None:
+        """Re-bind to a new policy instance (`Trainer.train()` re-creates the model when `model_init` is set).
+
+        The frozen-copy reference is taken from `policy`, which is the model as `model_init` returned it.
+        """
+        self._unbind_model()
+        policy_path = self._bind_model(trainer, policy)
+        logger.info(
+            "kto_plugin: model_init made a new model; re-bound (reference: %s, log-probs from %s)",
+            self.reference.describe(), policy_path.name,
+        )
+
+    @property
+    def injected_metric_keys(self) -> set[str]:
+        """Every metric key the plugin has added to the logs of the attached trainer (e.g. ``eval_kl``)."""
+        return self._callback.injected_keys if self._callback is not None else set()
 
     def _log_summary(self, policy_path: Any, counts: tuple[int, int] | None) -> None:
         c = self.config
@@ -199,13 +238,13 @@ class KTOPlugin:
         trainer.label_names = saved["label_names"]
         trainer.data_collator = saved["data_collator"]
         self.collator.model_kwargs = saved["collator_model_kwargs"]
-        if self._callback in trainer.callback_handler.callbacks:
-            trainer.callback_handler.callbacks.remove(self._callback)
-        for module, p in self._restore_dropout:
-            module.p = p
-        self._restore_dropout = []
-        self.reference.teardown()
+        for callback in (self._callback, self._generation):
+            if callback in trainer.callback_handler.callbacks:
+                trainer.callback_handler.callbacks.remove(callback)
+        self._compat.uninstall(trainer)
+        self._unbind_model()
         self._callback = None
+        self._generation = None
         self._saved = {}
         self.trainer = None
 
@@ -247,6 +286,12 @@ class KTOPlugin:
                     "eval": trainer.eval_dataset}
                 for name, ds in eval_sets.items():
                     self._check_last_batch(ds, args.per_device_eval_batch_size, args.dataloader_drop_last, name)
+        if self.config.generate_during_eval and getattr(trainer, "is_fsdp_enabled", False):
+            raise NotImplementedError(
+                "KTOConfig.generate_during_eval is not supported under FSDP (generation would need the full "
+                "parameters gathered on every rank). Turn it off, or generate from a saved checkpoint after training."
+            )
+        check_liger(args)  # raises before anything is changed
         unsupported = {
             "sync_ref_model": self.config.sync_ref_model,
             "precompute_ref_log_probs": self.config.precompute_ref_log_probs,
