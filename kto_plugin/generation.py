@@ -174,17 +174,14 @@ class KTOGenerationCallback(TrainerCallback):
         self.tokenizer = tokenizer
         self.num_prompts = num_prompts
         self.max_new_tokens = max_new_tokens
-        self._prompts: dict[int, list[list[int]]] = {}  # per dataset object: chosen once, reused every evaluation
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> None:
         loader = kwargs.get("eval_dataloader")
         dataset = getattr(loader, "dataset", None)
         if dataset is None:
             return
-        key = id(dataset)
-        if key not in self._prompts:
-            self._prompts[key] = distinct_prompts(dataset, self.num_prompts)
-        rows = self.generate(self._prompts[key], step=state.global_step)
+        # re-read every time (a few rows): the same prompts at every evaluation of the same dataset
+        rows = self.generate(distinct_prompts(dataset, self.num_prompts), step=state.global_step)
         if not state.is_world_process_zero or not rows:
             return
         split = _split_of(metrics)

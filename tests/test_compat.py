@@ -205,6 +205,11 @@ def test_hyperparameter_search_with_optuna(tokenizer, rows, tmp_path):
 # --- compute_metrics / preprocess_logits_for_metrics ---
 
 
+def _untruncated_rows(rows, tokenizer):
+    """12 rows (8 desirable) that max_length=96 leaves whole, so an unpadded forward per row is the reference."""
+    return [r for r in rows if len(tokenizer(r["prompt"] + r["completion"]).input_ids) < 90][:12]
+
+
 def _plain_logps(model, dataset):
     """Summed completion log-probs of each prepared row from one unpadded forward (independent of the plugin)."""
     out = []
@@ -224,9 +229,8 @@ def test_compute_metrics_gets_kto_predictions_and_labels(base_model, tokenizer, 
         rewards, label = pred.predictions["rewards"], pred.label_ids["label"]
         return {"reward_accuracy": float(((rewards > 0) == label).mean())}
 
-    # max_length=None: no truncation, so an unpadded forward over each whole row is the independent reference
-    kto, trainer = kto_trainer(copy.deepcopy(base_model), tokenizer, rows, tmp_path, eval_rows=rows[:16],
-                               kto_kwargs={"max_length": None}, max_steps=3, learning_rate=0.05)
+    kto, trainer = kto_trainer(copy.deepcopy(base_model), tokenizer, rows, tmp_path,
+                               eval_rows=_untruncated_rows(rows, tokenizer), max_steps=3, learning_rate=0.05)
     trainer.compute_metrics = compute_metrics
     kto.attach(trainer)
     n = len(trainer.eval_dataset)
@@ -254,6 +258,23 @@ def test_compute_metrics_gets_kto_predictions_and_labels(base_model, tokenizer, 
     assert abs(rewards).max() > 1e-3
     assert torch.allclose(torch.from_numpy(pred.predictions["rewards"]), torch.from_numpy(rewards), atol=1e-6)
     assert kto.loss_hook.eval_batch is None  # no hidden states are kept after evaluation
+    out = trainer.predict(trainer.eval_dataset)  # predict() gives the same per-example dict
+    assert torch.allclose(torch.from_numpy(out.predictions["rewards"]), torch.from_numpy(pred.predictions["rewards"]))
+
+
+def test_predict_reports_kto_metrics_and_leaves_the_next_evaluation_alone(model, tokenizer, rows, tmp_path):
+    eval_rows = _untruncated_rows(rows, tokenizer)
+    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, eval_rows=eval_rows, max_steps=2, learning_rate=0.05)
+    kto.attach(trainer)
+    trainer.train()
+    first = trainer.evaluate()
+    other = kto.prepare_dataset(rows[-16:], name="other")
+    out = trainer.predict(other)
+    assert {"test_" + k for k in KTO_KEYS} <= set(out.metrics)
+    assert out.metrics["test_logps/chosen"] != pytest.approx(first["eval_logps/chosen"])
+    again = trainer.evaluate()
+    for key in ("eval_logps/chosen", "eval_rewards/rejected", "eval_kl"):
+        assert again[key] == pytest.approx(first[key], rel=1e-6)  # predict's batches are not averaged in
 
 
 def test_preprocess_logits_for_metrics_gets_the_full_logits(base_model, tokenizer, rows, tmp_path):

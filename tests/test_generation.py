@@ -181,6 +181,14 @@ def test_log_to_wandb_uses_the_active_run(monkeypatch):
     assert not log_to_wandb(rows, "eval", types.SimpleNamespace(report_to=["wandb"]), step=2)
 
 
+def test_refused_under_fsdp(model, tokenizer, rows, tmp_path):
+    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, kto_kwargs={"generate_during_eval": True})
+    trainer.is_fsdp_enabled = True  # what Trainer.__init__ sets under FSDP (which needs GPUs to run)
+    with pytest.raises(NotImplementedError, match="generate_during_eval is not supported under FSDP"):
+        kto.attach(trainer)
+    assert trainer.compute_loss_func is None
+
+
 @pytest.mark.parametrize("field", ["generate_num_prompts", "generate_max_new_tokens"])
 def test_config_validation(field):
     with pytest.raises(ValueError, match=f"KTOConfig.{field} must be a positive integer"):
