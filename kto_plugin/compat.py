@@ -35,8 +35,9 @@ from transformers.utils import is_liger_kernel_available
 
 logger = logging.getLogger("kto_plugin")
 
-# KTOConfig fields a hyperparameter search may set: the loss reads them at every step. The others shape the data
-# (max_length, ...), the collator (loss_type, ...) or the reference (precompute_ref_log_probs, ...) at attach time.
+# KTOConfig fields a hyperparameter search may set: the loss reads them at every step. The others shape the
+# data (max_length, ...), the collator (loss_type, ...) or the reference (precompute_ref_log_probs, ...) at
+# attach time.
 HP_SEARCHABLE_FIELDS = ("beta", "desirable_weight", "undesirable_weight")
 
 
@@ -68,7 +69,8 @@ class EvalPredictions:
 
     Called by `Trainer.evaluation_loop` right after each evaluation step with the raw model outputs (ignored)
     and the batch's labels (the KTO labels dict, padded across processes). Returns
-    ``{"policy_logps": (B,), "reference_logps": (B,), "rewards": (B,)[, "logits": user_fn(full_logits, labels)]}``.
+    ``{"policy_logps": (B,), "reference_logps": (B,), "rewards": (B,)}``, plus
+    ``"logits": user_fn(full_logits, labels)`` when you passed a function.
     """
 
     def __init__(self, plugin: Any, user_fn: Callable[[Any, Any], Any] | None) -> None:
@@ -81,7 +83,8 @@ class EvalPredictions:
         hook.eval_batch = None
         if batch is None:
             raise RuntimeError(
-                "kto_plugin: no KTO values for this evaluation batch: the KTO loss hook did not run on it. Keep "
+                "kto_plugin: no KTO values for this evaluation batch: the KTO loss hook did not run on it. "
+                "Keep "
                 "trainer.compute_loss_func as KTOPlugin.attach set it, and keep label_names=['labels']."
             )
         beta = self.plugin.config.beta
@@ -101,8 +104,10 @@ class EvalPredictions:
 # --- model_init / hyperparameter_search ---
 
 
-def rebinding_model_init(user_init: Callable[..., Any], on_model: Callable[[Any, Any], None]) -> Callable[..., Any]:
-    """`user_init` with the same arity (the Trainer counts its arguments), calling `on_model(model, trial)` after."""
+def rebinding_model_init(
+    user_init: Callable[..., Any], on_model: Callable[[Any, Any], None]
+) -> Callable[..., Any]:
+    """`user_init` with the same arity (the Trainer counts arguments), then `on_model(model, trial)`."""
     if number_of_arguments(user_init) == 0:
 
         def model_init() -> Any:
@@ -144,8 +149,9 @@ def apply_kto_hyperparameters(config: Any, params: Mapping[str, Any]) -> dict[st
             continue  # the Trainer sets TrainingArguments fields itself and warns about unknown names
         if name not in HP_SEARCHABLE_FIELDS:
             raise ValueError(
-                f"hp_space sets KTOConfig.{name}, which cannot change between trials: it is fixed when the dataset "
-                f"is prepared or the plugin attached. Searchable KTO fields: {', '.join(HP_SEARCHABLE_FIELDS)}. "
+                f"hp_space sets KTOConfig.{name}, which cannot change between trials: it is fixed when the "
+                f"dataset is prepared or the plugin attached. Searchable KTO fields: "
+                f"{', '.join(HP_SEARCHABLE_FIELDS)}. "
                 f"Run one search per value of {name}."
             )
         applied[name] = float(value)
@@ -190,24 +196,25 @@ def check_liger(args: Any) -> dict[str, Any] | None:
         return None
     if not is_liger_kernel_available():
         raise ImportError(
-            "TrainingArguments.use_liger_kernel=True, but liger-kernel is not installed (it needs Triton and a CUDA "
-            "GPU): `pip install liger-kernel`, or set use_liger_kernel=False. kto_plugin does not need Liger to "
-            "save memory: its chunked, completion-only LM head never materialises [B, T, V] logits."
+            "TrainingArguments.use_liger_kernel=True, but liger-kernel is not installed (it needs Triton "
+            "and a CUDA GPU): `pip install liger-kernel`, or set use_liger_kernel=False. kto_plugin does not "
+            "need Liger to save memory: its chunked, completion-only LM head never materialises [B, T, V] "
+            "logits."
         )
     config = dict(args.liger_kernel_config or {})
     if config.get("fused_linear_cross_entropy"):
         raise ValueError(
-            'liger_kernel_config={"fused_linear_cross_entropy": True} is not supported with KTO: it replaces the '
-            "model's forward with a token-mean cross-entropy whose gradient is fixed in the forward, and KTO's is "
-            "not. Leave it unset; kto_plugin's chunked LM head gives the same memory saving, and Liger's layer "
-            "kernels still apply."
+            'liger_kernel_config={"fused_linear_cross_entropy": True} is not supported with KTO: it replaces '
+            "the model's forward with a token-mean cross-entropy whose gradient is fixed in the forward, and "
+            "KTO's is not. Leave it unset: kto_plugin's chunked LM head gives the same memory saving, and "
+            "Liger's layer kernels still apply."
         )
     config["fused_linear_cross_entropy"] = False
     return config
 
 
 class CompatCallback(TrainerCallback):
-    """Drops the kept evaluation batch after every evaluation step; gives a frozen-copy reference Liger's kernels."""
+    """Drops the kept evaluation batch after each step; gives a frozen-copy reference Liger's kernels."""
 
     def __init__(self, plugin: Any) -> None:
         self.plugin = plugin
@@ -223,10 +230,9 @@ class CompatCallback(TrainerCallback):
         # function as the initial policy, so it gets the same kernels (a separate ref_model is left as given).
         from transformers.integrations.liger import apply_liger_kernel
 
-        apply_liger_kernel(self.plugin.trainer.accelerator.unwrap_model(reference.ref_model), args.liger_kernel_config)
-
-
-_UNSET = object()
+        apply_liger_kernel(
+            self.plugin.trainer.accelerator.unwrap_model(reference.ref_model), args.liger_kernel_config
+        )
 
 
 class TrainerCompat:

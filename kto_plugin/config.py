@@ -129,9 +129,9 @@ class KTOConfig:
     generate_during_eval: bool = field(
         default=False,
         metadata={
-            "help": "At every evaluation, greedily generate completions from the policy and the reference for the first "
-            "generate_num_prompts distinct eval prompts; log them as a table to W&B (when reported to) and append them "
-            "to OUTPUT_DIR/kto_generations.jsonl."
+            "help": "At every evaluation, greedily generate completions from the policy and the reference "
+            "for the first generate_num_prompts distinct eval prompts; log them as a table to W&B (when "
+            "reported to) and append them to OUTPUT_DIR/kto_generations.jsonl."
         },
     )
     generate_num_prompts: int = field(

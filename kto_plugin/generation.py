@@ -1,7 +1,8 @@
 """`generate_during_eval`: completions from the policy and the reference, side by side, at every evaluation.
 
 The documented `KTOTrainer` API (TRL <= 0.x; TRL 1.16 dropped it) sampled a batch of eval prompts, generated
-from the policy and the reference and logged a W&B table ``game_log`` with columns Prompt / Policy / Ref Model.
+from the policy and the reference and logged a W&B table ``game_log`` with columns Prompt / Policy /
+Ref Model.
 Here it is a `TrainerCallback` (`on_evaluate`) that `KTOPlugin.attach` inserts when
 `KTOConfig.generate_during_eval` is set:
 
@@ -12,7 +13,8 @@ Here it is a `TrainerCallback` (`on_evaluate`) that `KTOPlugin.attach` inserts w
   adapter off or the reference adapter), so at step 0 both columns are identical;
 * output: appended to ``OUTPUT_DIR/kto_generations.jsonl`` (one JSON object per prompt per evaluation:
   ``step``, ``split``, ``prompt``, ``policy``, ``reference``), and logged as a ``wandb.Table`` under
-  ``<split>/generations`` when `report_to` includes ``wandb`` and a W&B run is active. Only the main process writes.
+  ``<split>/generations`` when `report_to` includes ``wandb`` and a W&B run is active. Only the main process
+  writes.
 
 The model's train/eval mode, every parameter's `requires_grad` and the active adapter are restored exactly.
 """
@@ -50,7 +52,8 @@ def distinct_prompts(dataset: Any, n: int) -> list[list[int]]:
     for row in rows:
         if "prompt_ids" not in row:
             raise KeyError(
-                f"generate_during_eval needs prepared eval rows with a 'prompt_ids' column; the eval dataset has "
+                f"generate_during_eval needs prepared eval rows with a 'prompt_ids' column; the eval dataset "
+                f"has "
                 f"{sorted(row)}. Pass it through KTOPlugin.prepare_dataset(raw, name='eval')."
             )
         key = tuple(int(t) for t in row["prompt_ids"])
@@ -80,7 +83,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
 def greedy_completions(
     model: Any, prompts: Sequence[Sequence[int]], tokenizer: Any, max_new_tokens: int
 ) -> list[list[int]]:
-    """Greedy continuations of `prompts` (lists of token ids) by `model` (a decoder-only LM or a PEFT wrapper).
+    """Greedy continuations of `prompts` (lists of token ids) by `model` (an LM, or a PEFT wrapper of one).
 
     Prompts are left-padded into one batch; returns the new token ids of each row, cut after the first EOS.
     """
@@ -121,7 +124,7 @@ def generation_table(rows: Sequence[dict[str, Any]], wandb: Any) -> Any:
 
 
 def table_key(split: str) -> str:
-    """W&B key for `split` ("eval", "eval_<name>", "test"), laid out as the W&B integration lays out metrics."""
+    """W&B key for `split` ("eval", "eval_<name>", "test"), named as the W&B integration names metrics."""
     head, _, tail = split.partition("_")
     return f"{head}/{tail + '_' if tail else ''}generations"
 
@@ -134,7 +137,9 @@ def log_to_wandb(rows: Sequence[dict[str, Any]], split: str, args: Any, step: in
 
     run = getattr(wandb, "run", None)
     if run is None:
-        logger.info("kto_plugin: generate_during_eval: no active W&B run; generations are in the JSONL file only.")
+        logger.info(
+            "kto_plugin: generate_during_eval: no active W&B run; generations are in the JSONL file only."
+        )
         return False
     # the W&B integration plots every key against train/global_step
     run.log({table_key(split): generation_table(rows, wandb), "train/global_step": step})
@@ -144,8 +149,7 @@ def log_to_wandb(rows: Sequence[dict[str, Any]], split: str, args: Any, step: in
 def append_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def _split_of(metrics: dict[str, float] | None) -> str:
@@ -202,7 +206,9 @@ class KTOGenerationCallback(TrainerCallback):
                 reference = trainer.accelerator.unwrap_model(ref_module)
                 with preserved_state(reference):
                     reference.eval()
-                    reference_ids = greedy_completions(reference, prompts, self.tokenizer, self.max_new_tokens)
+                    reference_ids = greedy_completions(
+                        reference, prompts, self.tokenizer, self.max_new_tokens
+                    )
         decode = self.tokenizer.decode
         return [
             {
@@ -211,5 +217,5 @@ class KTOGenerationCallback(TrainerCallback):
                 "policy": decode(a, skip_special_tokens=True),
                 "reference": decode(b, skip_special_tokens=True),
             }
-            for p, a, b in zip(prompts, policy_ids, reference_ids)
+            for p, a, b in zip(prompts, policy_ids, reference_ids, strict=True)
         ]

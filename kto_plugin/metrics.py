@@ -79,9 +79,11 @@ class KTOMetricsCallback(TrainerCallback):
         if state.log_history and state.log_history[-1] is not logs:
             state.log_history[-1].update(extra)
 
-    def on_predict(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any):
-        # `Trainer.predict` logs nothing, so `on_log` never takes these: without this, they would be averaged into
-        # the next evaluation's metrics. `metrics` is the dict `predict()` returns.
+    def on_predict(
+        self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any
+    ):
+        # `Trainer.predict` logs nothing, so `on_log` never takes these: without this, they would be averaged
+        # into the next evaluation's metrics. `metrics` is the dict `predict()` returns.
         extra = {_eval_prefix(metrics or {}) + k: v for k, v in self.accumulator.pop("eval").items()}
         if metrics is not None:
             metrics.update(extra)

@@ -11,12 +11,12 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import default_compute_objective
 
-import kto_plugin
 from helpers import args, kto_trainer
+from reference_impl import naive_completion_logps
+import kto_plugin
 from kto_plugin import KTOConfig, KTOPlugin
 from kto_plugin.compat import apply_kto_hyperparameters, trial_params
 from kto_plugin.demo import build_tiny_model
-from reference_impl import naive_completion_logps
 
 KTO_KEYS = {"kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"}
 
@@ -36,7 +36,9 @@ class ModelFactory:
 
     def __call__(self, *trial):
         self.trials.extend(trial)
-        model = build_tiny_model(self.vocab_size, hidden_size=32, num_layers=2, num_heads=4, seed=len(self.made))
+        model = build_tiny_model(
+            self.vocab_size, hidden_size=32, num_layers=2, num_heads=4, seed=len(self.made)
+        )
         model.config.attention_dropout = 0.1
         self.made.append(model)
         return model
@@ -47,7 +49,9 @@ class ModelFactory:
         return lambda: self()
 
 
-def _model_init_trainer(tokenizer, rows, tmp_path, factory, kto_kwargs=None, plugins=(), eval_rows=None, **overrides):
+def _model_init_trainer(
+    tokenizer, rows, tmp_path, factory, kto_kwargs=None, plugins=(), eval_rows=None, **overrides
+):
     kto = KTOPlugin(KTOConfig(max_length=96, **(kto_kwargs or {})), tokenizer=tokenizer, plugins=plugins)
     trainer = Trainer(
         model_init=factory.init_fn(),
@@ -90,8 +94,9 @@ def test_model_init_reference_is_the_model_that_trains(tokenizer, rows, tmp_path
 
 def test_model_init_reference_is_taken_before_a_checkpoint_is_loaded(tokenizer, rows, tmp_path):
     factory = ModelFactory(len(tokenizer))
-    kto, trainer = _model_init_trainer(tokenizer, rows, tmp_path, factory, save_strategy="steps", save_steps=2,
-                                       learning_rate=0.05)
+    kto, trainer = _model_init_trainer(
+        tokenizer, rows, tmp_path, factory, save_strategy="steps", save_steps=2, learning_rate=0.05
+    )
     kto.attach(trainer)
     trainer.train()
     checkpoint = tmp_path / "checkpoint-2"
@@ -101,13 +106,13 @@ def test_model_init_reference_is_taken_before_a_checkpoint_is_loaded(tokenizer, 
     kto2, resumed = _model_init_trainer(tokenizer, rows, tmp_path, factory2, max_steps=3, learning_rate=0.05)
     kto2.attach(resumed)
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    # train() re-created the model (seed 1), then loaded the trained weights into it: the reference must be the
+    # train() re-created the model (seed 1), then loaded the trained weights into it: the reference must be
     # model as model_init made it, not the checkpoint
     fresh = ModelFactory(len(tokenizer))
     fresh(), fresh()
     assert torch.equal(_params(kto2.reference.ref_model), _params(fresh.made[1]))
     assert not torch.equal(_params(kto2.reference.ref_model), _params(trainer.model))
-    step3 = [h for h in resumed.state.log_history if h.get("step") == 3 and "rewards/chosen" in h][0]
+    step3 = next(h for h in resumed.state.log_history if h.get("step") == 3 and "rewards/chosen" in h)
     assert step3["rewards/chosen"] != 0.0  # the resumed policy has moved away from that reference
 
 
@@ -126,15 +131,18 @@ def test_default_search_objective_ignores_the_kto_metrics(tokenizer, rows, tmp_p
     assert default_compute_objective(metrics) != pytest.approx(metrics["eval_loss"])
     assert trainer.compute_objective(metrics) == metrics["eval_loss"]
     with_user_metric = {**metrics, "eval_accuracy": 0.75}
-    assert trainer.compute_objective(with_user_metric) == 0.75  # your own compute_metrics values are still summed
+    assert (
+        trainer.compute_objective(with_user_metric) == 0.75
+    )  # your own compute_metrics values are still summed
     kto.detach()
     assert trainer.compute_objective is default_compute_objective
 
 
 def test_kto_fields_in_the_search_space():
     config = KTOConfig()
-    applied = apply_kto_hyperparameters(config, {"beta": 0.3, "learning_rate": 1e-4, "undesirable_weight": 1.5,
-                                                  "not_a_field": 1})
+    applied = apply_kto_hyperparameters(
+        config, {"beta": 0.3, "learning_rate": 1e-4, "undesirable_weight": 1.5, "not_a_field": 1}
+    )
     assert applied == {"beta": 0.3, "undesirable_weight": 1.5}
     assert config.beta == 0.3 and config.undesirable_weight == 1.5
     with pytest.raises(ValueError, match="KTOConfig.max_length, which cannot change between trials"):
@@ -171,24 +179,34 @@ class BetaSeen:
         return {}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("optuna") is None,
-                    reason="optuna is in the dev extra; this environment lacks it")
+@pytest.mark.skipif(
+    importlib.util.find_spec("optuna") is None, reason="optuna is in the dev extra; this environment lacks it"
+)
 def test_hyperparameter_search_with_optuna(tokenizer, rows, tmp_path):
     import optuna
 
     factory = ModelFactory(len(tokenizer), takes_trial=True)
     seen_beta = BetaSeen()
-    kto, trainer = _model_init_trainer(tokenizer, rows, tmp_path, factory, eval_rows=rows[:16], plugins=[seen_beta])
+    kto, trainer = _model_init_trainer(
+        tokenizer, rows, tmp_path, factory, eval_rows=rows[:16], plugins=[seen_beta]
+    )
     evaluations = Evaluations(kto)
     trainer.add_callback(evaluations)
     kto.attach(trainer)
 
     def hp_space(trial):
-        return {"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-1, log=True),
-                "beta": trial.suggest_categorical("beta", [0.05, 0.5])}
+        return {
+            "learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-1, log=True),
+            "beta": trial.suggest_categorical("beta", [0.05, 0.5]),
+        }
 
-    best = trainer.hyperparameter_search(hp_space=hp_space, backend="optuna", n_trials=3, direction="minimize",
-                                         sampler=optuna.samplers.RandomSampler(seed=3))
+    best = trainer.hyperparameter_search(
+        hp_space=hp_space,
+        backend="optuna",
+        n_trials=3,
+        direction="minimize",
+        sampler=optuna.samplers.RandomSampler(seed=3),
+    )
     assert len(evaluations.seen) == 3
     assert factory.trials[0] is None  # Trainer.__init__ builds a first model without a trial
     assert len(factory.trials) == 4 and all(t is not None for t in factory.trials[1:])  # then one per trial
@@ -206,12 +224,12 @@ def test_hyperparameter_search_with_optuna(tokenizer, rows, tmp_path):
 
 
 def _untruncated_rows(rows, tokenizer):
-    """12 rows (8 desirable) that max_length=96 leaves whole, so an unpadded forward per row is the reference."""
+    """12 rows (8 desirable) that max_length=96 leaves whole: an unpadded forward per row is the reference."""
     return [r for r in rows if len(tokenizer(r["prompt"] + r["completion"]).input_ids) < 90][:12]
 
 
 def _plain_logps(model, dataset):
-    """Summed completion log-probs of each prepared row from one unpadded forward (independent of the plugin)."""
+    """Summed completion log-probs of each prepared row from one unpadded forward (no plugin code)."""
     out = []
     with torch.no_grad():
         for row in dataset:
@@ -229,15 +247,26 @@ def test_compute_metrics_gets_kto_predictions_and_labels(base_model, tokenizer, 
         rewards, label = pred.predictions["rewards"], pred.label_ids["label"]
         return {"reward_accuracy": float(((rewards > 0) == label).mean())}
 
-    kto, trainer = kto_trainer(copy.deepcopy(base_model), tokenizer, rows, tmp_path,
-                               eval_rows=_untruncated_rows(rows, tokenizer), max_steps=3, learning_rate=0.05)
+    kto, trainer = kto_trainer(
+        copy.deepcopy(base_model),
+        tokenizer,
+        rows,
+        tmp_path,
+        eval_rows=_untruncated_rows(rows, tokenizer),
+        max_steps=3,
+        learning_rate=0.05,
+    )
     trainer.compute_metrics = compute_metrics
     kto.attach(trainer)
     n = len(trainer.eval_dataset)
 
     metrics = trainer.evaluate()
     pred = seen[-1]
-    assert set(pred.predictions) == {"policy_logps", "reference_logps", "rewards"}  # no full logits unless asked
+    assert set(pred.predictions) == {
+        "policy_logps",
+        "reference_logps",
+        "rewards",
+    }  # no full logits unless asked
     for key in pred.predictions:
         assert pred.predictions[key].shape == (n,)
     assert pred.label_ids["label"].tolist() == trainer.eval_dataset["label"]
@@ -247,7 +276,8 @@ def test_compute_metrics_gets_kto_predictions_and_labels(base_model, tokenizer, 
     assert (pred.predictions["reference_logps"] == pred.predictions["policy_logps"]).all()
     assert (pred.predictions["rewards"] == 0).all()
     assert metrics["eval_reward_accuracy"] == pytest.approx(
-        float(((pred.predictions["rewards"] > 0) == pred.label_ids["label"]).mean()))
+        float(((pred.predictions["rewards"] > 0) == pred.label_ids["label"]).mean())
+    )
 
     trainer.train()
     trainer.evaluate()
@@ -259,12 +289,16 @@ def test_compute_metrics_gets_kto_predictions_and_labels(base_model, tokenizer, 
     assert torch.allclose(torch.from_numpy(pred.predictions["rewards"]), torch.from_numpy(rewards), atol=1e-6)
     assert kto.loss_hook.eval_batch is None  # no hidden states are kept after evaluation
     out = trainer.predict(trainer.eval_dataset)  # predict() gives the same per-example dict
-    assert torch.allclose(torch.from_numpy(out.predictions["rewards"]), torch.from_numpy(pred.predictions["rewards"]))
+    assert torch.allclose(
+        torch.from_numpy(out.predictions["rewards"]), torch.from_numpy(pred.predictions["rewards"])
+    )
 
 
 def test_predict_reports_kto_metrics_and_leaves_the_next_evaluation_alone(model, tokenizer, rows, tmp_path):
     eval_rows = _untruncated_rows(rows, tokenizer)
-    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, eval_rows=eval_rows, max_steps=2, learning_rate=0.05)
+    kto, trainer = kto_trainer(
+        model, tokenizer, rows, tmp_path, eval_rows=eval_rows, max_steps=2, learning_rate=0.05
+    )
     kto.attach(trainer)
     trainer.train()
     first = trainer.evaluate()
@@ -294,7 +328,9 @@ def test_preprocess_logits_for_metrics_gets_the_full_logits(base_model, tokenize
     assert sum(len(c[0]) for c in calls) == n
     with torch.no_grad():
         for logits, labels in calls:
-            direct = trainer.model(input_ids=labels["input_ids"], attention_mask=labels["attention_mask"]).logits
+            direct = trainer.model(
+                input_ids=labels["input_ids"], attention_mask=labels["attention_mask"]
+            ).logits
             assert logits.shape == direct.shape  # [B, T, V], not the hook's one-position logits
             assert torch.allclose(logits, direct, atol=1e-5)
     kto.detach()
@@ -318,9 +354,14 @@ class Recorder(TrainerCallback):
 def test_user_callbacks_see_the_kto_metrics(model, tokenizer, rows, tmp_path):
     at_init, added_later = Recorder(), Recorder()
     kto = KTOPlugin(KTOConfig(max_length=96), tokenizer=tokenizer)
-    trainer = Trainer(model=model, args=args(tmp_path), train_dataset=kto.prepare_dataset(rows),
-                      eval_dataset=kto.prepare_dataset(rows[:16], name="eval"), data_collator=kto.collator,
-                      callbacks=[at_init])
+    trainer = Trainer(
+        model=model,
+        args=args(tmp_path),
+        train_dataset=kto.prepare_dataset(rows),
+        eval_dataset=kto.prepare_dataset(rows[:16], name="eval"),
+        data_collator=kto.collator,
+        callbacks=[at_init],
+    )
     kto.attach(trainer)
     trainer.add_callback(added_later)
     trainer.train()
@@ -334,8 +375,13 @@ def test_user_optimizer_and_scheduler(model, tokenizer, rows, tmp_path, caplog):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
     kto = KTOPlugin(KTOConfig(max_length=96), tokenizer=tokenizer)
-    trainer = Trainer(model=model, args=args(tmp_path, max_steps=3), train_dataset=kto.prepare_dataset(rows),
-                      data_collator=kto.collator, optimizers=(optimizer, scheduler))
+    trainer = Trainer(
+        model=model,
+        args=args(tmp_path, max_steps=3),
+        train_dataset=kto.prepare_dataset(rows),
+        data_collator=kto.collator,
+        optimizers=(optimizer, scheduler),
+    )
     with caplog.at_level("WARNING", logger="kto_plugin"):
         kto.attach(trainer)
     assert "learning_rate=0.2 is outside" in caplog.text  # the guidance reads the rate that will be used
@@ -377,9 +423,18 @@ def fake_liger(monkeypatch):
     return applied
 
 
-def test_liger_keeps_layer_kernels_and_turns_off_fused_cross_entropy(fake_liger, model, tokenizer, rows, tmp_path):
-    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, use_liger_kernel=True, max_steps=1,
-                               liger_kernel_config={"rms_norm": True})
+def test_liger_keeps_layer_kernels_and_turns_off_fused_cross_entropy(
+    fake_liger, model, tokenizer, rows, tmp_path
+):
+    kto, trainer = kto_trainer(
+        model,
+        tokenizer,
+        rows,
+        tmp_path,
+        use_liger_kernel=True,
+        max_steps=1,
+        liger_kernel_config={"rms_norm": True},
+    )
     kto.attach(trainer)
     assert trainer.args.liger_kernel_config == {"rms_norm": True, "fused_linear_cross_entropy": False}
     trainer.train()
@@ -393,8 +448,14 @@ def test_liger_keeps_layer_kernels_and_turns_off_fused_cross_entropy(fake_liger,
 
 
 def test_liger_fused_cross_entropy_is_refused(fake_liger, model, tokenizer, rows, tmp_path):
-    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, use_liger_kernel=True,
-                               liger_kernel_config={"fused_linear_cross_entropy": True})
+    kto, trainer = kto_trainer(
+        model,
+        tokenizer,
+        rows,
+        tmp_path,
+        use_liger_kernel=True,
+        liger_kernel_config={"fused_linear_cross_entropy": True},
+    )
     with pytest.raises(ValueError, match="fused_linear_cross_entropy.*not supported with KTO"):
         kto.attach(trainer)
     assert trainer.compute_loss_func is None

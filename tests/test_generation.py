@@ -1,4 +1,4 @@
-"""generate_during_eval: policy and reference completions at every evaluation, as a JSONL file and a W&B table."""
+"""generate_during_eval: policy vs reference completions at each evaluation, in a JSONL file and W&B."""
 
 from __future__ import annotations
 
@@ -43,19 +43,30 @@ def _short_prompt_rows(rows, tokenizer):
 
 
 def _state(model):
-    return ([(n, p.requires_grad) for n, p in model.named_parameters()], [m.training for m in model.modules()])
+    return (
+        [(n, p.requires_grad) for n, p in model.named_parameters()],
+        [m.training for m in model.modules()],
+    )
 
 
 def test_policy_and_reference_completions_per_prompt(model, tokenizer, rows, tmp_path):
     eval_rows = _short_prompt_rows(rows, tokenizer)
     kto, trainer = kto_trainer(
-        model, tokenizer, rows, tmp_path, eval_rows=eval_rows, max_steps=6, learning_rate=0.05,
+        model,
+        tokenizer,
+        rows,
+        tmp_path,
+        eval_rows=eval_rows,
+        max_steps=6,
+        learning_rate=0.05,
         kto_kwargs={"generate_during_eval": True, "generate_num_prompts": 3, "generate_max_new_tokens": 6},
     )
     kto.attach(trainer)
     before = _state(trainer.model)
     trainer.evaluate()
-    assert _state(trainer.model)[0] == before[0]  # requires_grad as found (evaluate() itself leaves eval mode)
+    assert (
+        _state(trainer.model)[0] == before[0]
+    )  # requires_grad as found (evaluate() itself leaves eval mode)
     path = tmp_path / GENERATIONS_FILE
     first = _read(path)
     assert len(first) == 3
@@ -80,10 +91,15 @@ def test_policy_and_reference_completions_per_prompt(model, tokenizer, rows, tmp
 
 def test_peft_reference_is_the_base_model_and_the_adapter_survives(model, tokenizer, rows, tmp_path):
     base = copy.deepcopy(model)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                  init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     kto, trainer = kto_trainer(
-        peft_model, tokenizer, rows, tmp_path, eval_rows=_short_prompt_rows(rows, tokenizer),
+        peft_model,
+        tokenizer,
+        rows,
+        tmp_path,
+        eval_rows=_short_prompt_rows(rows, tokenizer),
         kto_kwargs={"generate_during_eval": True, "generate_num_prompts": 2, "generate_max_new_tokens": 6},
     )
     kto.attach(trainer)
@@ -101,8 +117,12 @@ def test_peft_reference_is_the_base_model_and_the_adapter_survives(model, tokeni
     assert lora_layers and not any(m.disable_adapters for m in lora_layers)
     base_ids = greedy_completions(base.eval(), prompts, tokenizer, 6)
     adapter_ids = greedy_completions(trainer.model.eval(), prompts, tokenizer, 6)
-    assert [r["reference"] for r in generated] == [tokenizer.decode(i, skip_special_tokens=True) for i in base_ids]
-    assert [r["policy"] for r in generated] == [tokenizer.decode(i, skip_special_tokens=True) for i in adapter_ids]
+    assert [r["reference"] for r in generated] == [
+        tokenizer.decode(i, skip_special_tokens=True) for i in base_ids
+    ]
+    assert [r["policy"] for r in generated] == [
+        tokenizer.decode(i, skip_special_tokens=True) for i in adapter_ids
+    ]
     assert generated[0]["policy"] != generated[0]["reference"]  # the (non-zero) adapter is on for the policy
 
 
@@ -121,7 +141,11 @@ def _manual_greedy(model, prompt, steps, eos_id):
 
 def test_greedy_completions_match_a_manual_argmax_loop_with_left_padding(model, tokenizer):
     model.eval()
-    prompts = [[1, 40, 41, 42, 43, 44, 45], [1, 50, 51], [1, 60, 61, 62, 63]]  # different lengths: left padding
+    prompts = [
+        [1, 40, 41, 42, 43, 44, 45],
+        [1, 50, 51],
+        [1, 60, 61, 62, 63],
+    ]  # different lengths: left padding
     got = greedy_completions(model, prompts, tokenizer, max_new_tokens=5)
     assert got == [_manual_greedy(model, p, 5, tokenizer.eos_token_id) for p in prompts]
 
