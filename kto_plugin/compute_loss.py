@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .collator import bits_as_float32
+from .compat import EvalBatch
 from .config import KTOConfig
 from .logprobs import LogpsPath, SequenceLogps
 from .loss import kl_reference_point, weighted_mean
@@ -62,6 +63,8 @@ class KTOComputeLoss:
         self.reference_path = LogpsPath(False)
         self._trainer: Any = None
         self.total_train_tokens = 0.0
+        # the last evaluation micro-batch, for `compat.EvalPredictions` (compute_metrics); cleared after each step
+        self.eval_batch: EvalBatch | None = None
 
     def bind(self, trainer: Any, policy_path: LogpsPath, reference_path: LogpsPath) -> None:
         self._trainer = weakref.ref(trainer)
@@ -104,6 +107,11 @@ class KTOComputeLoss:
         )
         loss = weighted_mean(losses, label, self.config.desirable_weight, self.config.undesirable_weight)
         self._record(trainer, mode, policy, reference_logps, kl, label, losses, labels)
+        if mode == "eval":
+            self.eval_batch = EvalBatch(
+                policy.logps.detach(), reference_logps.detach(), outputs, policy_head, self.policy_path.use_hidden,
+                labels["input_ids"].shape[1],
+            )
         return loss
 
     def _no_grad_passes(

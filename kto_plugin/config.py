@@ -150,6 +150,24 @@ class KTOConfig:
         metadata={"help": "Offload activations to the CPU during the policy forward."},
     )
 
+    # --- evaluation ---
+    generate_during_eval: bool = field(
+        default=False,
+        metadata={
+            "help": "At every evaluation, greedily generate completions from the policy and the reference "
+            "for the first generate_num_prompts distinct eval prompts; log them as a table to W&B (when "
+            "reported to) and append them to OUTPUT_DIR/kto_generations.jsonl."
+        },
+    )
+    generate_num_prompts: int = field(
+        default=4,
+        metadata={"help": "Distinct eval prompts to generate from when generate_during_eval is set."},
+    )
+    generate_max_new_tokens: int = field(
+        default=64,
+        metadata={"help": "Maximum new tokens per generated completion when generate_during_eval is set."},
+    )
+
     # --- feedback ---
     warn_guidance: bool = field(
         default=True,
@@ -197,6 +215,10 @@ class KTOConfig:
             )
         if self.kl_estimate not in KL_ESTIMATES:
             raise ValueError(f"KTOConfig.kl_estimate must be one of {KL_ESTIMATES}, got {self.kl_estimate!r}.")
+        for name in ("generate_num_prompts", "generate_max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"KTOConfig.{name} must be a positive integer, got {value!r}.")
         if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
             raise ValueError(f"KTOConfig.dataset_num_proc must be >= 1 or None, got {self.dataset_num_proc}.")
         if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:

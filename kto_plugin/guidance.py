@@ -108,9 +108,12 @@ def attach_advice(config: Any, trainer: Any, needs_kl: bool, is_peft: bool, coun
     """Everything worth saying about this attachment's settings."""
     args = trainer.args
     world = getattr(trainer.accelerator, "num_processes", 1)
+    # a user-supplied optimizer (Trainer(optimizers=...)) carries its own rate; args.learning_rate is unused then
+    optimizer = getattr(trainer, "optimizer", None)
+    learning_rate = optimizer.param_groups[0]["lr"] if optimizer is not None else args.learning_rate
     advice = settings_advice(
         beta=config.beta,
-        learning_rate=args.learning_rate,
+        learning_rate=learning_rate,
         per_device_batch=args.per_device_train_batch_size,
         effective_batch=args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
         needs_kl=needs_kl,

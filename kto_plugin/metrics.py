@@ -62,6 +62,7 @@ class KTOMetricsCallback(TrainerCallback):
     def __init__(self, accumulator: MetricsAccumulator, is_training: Any) -> None:
         self.accumulator = accumulator
         self._is_training = is_training  # () -> bool: the trainer model's mode, as TRL reads it
+        self.injected_keys: set[str] = set()  # every key added so far (a search objective leaves them out)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any):
         if logs is None:
@@ -74,5 +75,16 @@ class KTOMetricsCallback(TrainerCallback):
         if not extra:
             return
         logs.update(extra)
+        self.injected_keys.update(extra)
         if state.log_history and state.log_history[-1] is not logs:
             state.log_history[-1].update(extra)
+
+    def on_predict(
+        self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any
+    ):
+        # `Trainer.predict` logs nothing, so `on_log` never takes these: without this, they would be averaged
+        # into the next evaluation's metrics. `metrics` is the dict `predict()` returns.
+        extra = {_eval_prefix(metrics or {}) + k: v for k, v in self.accumulator.pop("eval").items()}
+        if metrics is not None:
+            metrics.update(extra)
+            self.injected_keys.update(extra)

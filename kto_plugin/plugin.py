@@ -9,11 +9,13 @@ from typing import Any
 import datasets
 
 from .collator import KTOCollator
+from .compat import TrainerCompat, check_liger
 from .compute_loss import KTOComputeLoss
 from .config import KTOConfig
 from .data import DataReport, _as_dataset, prepare_split
+from .generation import KTOGenerationCallback
 from .guidance import Adviser, attach_advice, label_counts
-from .logprobs import choose_path
+from .logprobs import LogpsPath, choose_path
 from .metrics import KTOMetricsCallback, MetricsAccumulator
 from .plugin_manager import KTOPluginManager
 from .adapters import AdapterHost
@@ -85,6 +87,8 @@ class KTOPlugin:
         self.trainer: Any = None
         self._saved: dict[str, Any] = {}
         self._callback: KTOMetricsCallback | None = None
+        self._generation: KTOGenerationCallback | None = None
+        self._compat = TrainerCompat(self)
         self._restore_dropout: list = []
         self.adviser = Adviser()
         self._precomputer: ReferencePrecomputer | None = None
@@ -141,6 +145,40 @@ class KTOPlugin:
         saved["train_dataset"] = trainer.train_dataset
         saved["eval_dataset"] = trainer.eval_dataset
 
+        policy_path = self._bind_model(trainer, policy)
+
+        trainer.compute_loss_func = self.loss_hook
+        # the loss is a per-micro-batch mean: let the Trainer divide by the accumulation steps
+        trainer.loss_is_scaled_for_ga = False
+        trainer.args.remove_unused_columns = False
+        trainer.label_names = ["labels"]
+        if not isinstance(trainer.data_collator, KTOCollator):
+            trainer.data_collator = self.collator
+        self._callback = KTOMetricsCallback(self.metrics, lambda: trainer.model.training)
+        trainer.callback_handler.callbacks.insert(0, self._callback)
+        if self.config.generate_during_eval:
+            self._generation = KTOGenerationCallback(
+                trainer, self.reference, self.tokenizer, self.config.generate_num_prompts,
+                self.config.generate_max_new_tokens,
+            )
+            trainer.callback_handler.callbacks.insert(1, self._generation)
+        self._compat.install(trainer)
+        self.trainer = trainer
+        if self.config.precompute_ref_log_probs:
+            try:
+                self._precompute_attached_datasets(trainer)
+            except BaseException:
+                self.detach()
+                raise
+        counts = label_counts(trainer, self.data_reports)
+        self._log_summary(policy_path, counts)
+        if self.config.warn_guidance:
+            is_adapter = AdapterHost.of(policy) is not None
+            self.adviser.give(attach_advice(self.config, trainer, self.needs_kl, is_adapter, counts))
+        return trainer
+
+    def _bind_model(self, trainer: Any, policy: Any) -> LogpsPath:
+        """Everything tied to the policy instance: the reference, the log-prob paths, dropout."""
         self.reference.setup(
             trainer,
             policy,
@@ -157,31 +195,32 @@ class KTOPlugin:
         )
         self.loss_hook.bind(trainer, policy_path, reference_path)
         self.collator.model_kwargs = policy_path.model_kwargs()
-
-        trainer.compute_loss_func = self.loss_hook
-        # the loss is a per-micro-batch mean: let the Trainer divide by the accumulation steps
-        trainer.loss_is_scaled_for_ga = False
-        trainer.args.remove_unused_columns = False
-        trainer.label_names = ["labels"]
-        if not isinstance(trainer.data_collator, KTOCollator):
-            trainer.data_collator = self.collator
-        self._callback = KTOMetricsCallback(self.metrics, lambda: trainer.model.training)
-        trainer.callback_handler.callbacks.insert(0, self._callback)
         if self.config.disable_dropout:
             self._restore_dropout = disable_dropout(policy)
-        self.trainer = trainer
-        if self.config.precompute_ref_log_probs:
-            try:
-                self._precompute_attached_datasets(trainer)
-            except BaseException:
-                self.detach()
-                raise
-        counts = label_counts(trainer, self.data_reports)
-        self._log_summary(policy_path, counts)
-        if self.config.warn_guidance:
-            is_adapter = AdapterHost.of(policy) is not None
-            self.adviser.give(attach_advice(self.config, trainer, self.needs_kl, is_adapter, counts))
-        return trainer
+        return policy_path
+
+    def _unbind_model(self) -> None:
+        for module, p in self._restore_dropout:
+            module.p = p
+        self._restore_dropout = []
+        self.reference.teardown()
+
+    def rebind(self, trainer: Any, policy: Any) -> None:
+        """Re-bind to a new policy instance (`Trainer.train()` re-creates the model when `model_init` is set).
+
+        The frozen-copy reference is taken from `policy`, which is the model as `model_init` returned it.
+        """
+        self._unbind_model()
+        policy_path = self._bind_model(trainer, policy)
+        logger.info(
+            "kto_plugin: model_init made a new model; re-bound (reference: %s, log-probs from %s)",
+            self.reference.describe(), policy_path.name,
+        )
+
+    @property
+    def injected_metric_keys(self) -> set[str]:
+        """Every metric key the plugin has added to the logs of the attached trainer (e.g. ``eval_kl``)."""
+        return self._callback.injected_keys if self._callback is not None else set()
 
     def _log_summary(self, policy_path: Any, counts: tuple[int, int] | None) -> None:
         c = self.config
@@ -221,13 +260,13 @@ class KTOPlugin:
         self.collator.model_kwargs = saved["collator_model_kwargs"]
         trainer.train_dataset = saved["train_dataset"]
         trainer.eval_dataset = saved["eval_dataset"]
-        if self._callback in trainer.callback_handler.callbacks:
-            trainer.callback_handler.callbacks.remove(self._callback)
-        for module, p in self._restore_dropout:
-            module.p = p
-        self._restore_dropout = []
-        self.reference.teardown()
+        for callback in (self._callback, self._generation):
+            if callback in trainer.callback_handler.callbacks:
+                trainer.callback_handler.callbacks.remove(callback)
+        self._compat.uninstall(trainer)
+        self._unbind_model()
         self._callback = None
+        self._generation = None
         self._saved = {}
         self._precomputer = None
         self.trainer = None
@@ -351,6 +390,17 @@ class KTOPlugin:
                 "the pass cannot run there. Use a PEFT model (its null reference costs no memory), or "
                 "DeepSpeed ZeRO-1/2 / DDP."
             )
+        if getattr(trainer, "model_init", None) is not None:
+            raise ValueError(
+                "precompute_ref_log_probs=True with a Trainer built from model_init: the pass at attach() would use "
+                "the model that exists now, but train() builds a new one. Pass model= instead of model_init=, or "
+                "turn precompute off."
+            )
+        if self.config.generate_during_eval and AdapterHost.of(trainer.accelerator.unwrap_model(trainer.model)) is None:
+            raise ValueError(
+                "generate_during_eval=True needs a live reference to generate from, but precompute_ref_log_probs=True "
+                "keeps no reference model (only PEFT adapter references stay available). Turn one of them off."
+            )
         splits = {"train": trainer.train_dataset}
         if isinstance(trainer.eval_dataset, dict):
             splits.update(trainer.eval_dataset)
@@ -379,6 +429,12 @@ class KTOPlugin:
                     self._check_last_batch(ds, args.per_device_eval_batch_size, args.dataloader_drop_last, name)
         if self.config.precompute_ref_log_probs:
             self._validate_precompute(trainer)
+        if self.config.generate_during_eval and getattr(trainer, "is_fsdp_enabled", False):
+            raise NotImplementedError(
+                "KTOConfig.generate_during_eval is not supported under FSDP (generation would need the full "
+                "parameters gathered on every rank). Turn it off, or generate from a saved checkpoint after training."
+            )
+        check_liger(args)  # raises before anything is changed
         unsupported = {
             "sync_ref_model": self.config.sync_ref_model,
             "activation_offloading": self.config.activation_offloading,
