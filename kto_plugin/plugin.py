@@ -40,7 +40,8 @@ class KTOPlugin:
             model the base model with the adapter off (or the adapter named by `ref_adapter_name`).
         ref_adapter_name: a PEFT adapter of the policy to use as the reference (an adapter named ``"ref"``
             is used by convention when present).
-        plugins: extra pluggy plugins (objects or modules with `@kto_plugin.hookimpl` hooks).
+        plugins: extra pluggy plugins (objects or modules with `@kto_plugin.hookimpl` hooks), called in list
+            order before installed (entry-point) plugins and the built-ins. See `kto_plugin.hookspecs`.
     """
 
     def __init__(
@@ -121,6 +122,9 @@ class KTOPlugin:
                 "The trainer already has a compute_loss_func; KTO replaces the loss. Create the Trainer without "
                 "compute_loss_func."
             )
+        # plugins registered since construction (kto.plugins.register) count too
+        self.plugins.check()
+        self.needs_kl = self.loss_hook.needs_kl = self.collator.build_kl = self.plugins.needs_kl(self.config)
         self._validate(trainer)
         policy = trainer.accelerator.unwrap_model(trainer.model)
 
