@@ -112,9 +112,8 @@ class KTOPluginManager:
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self._sources: dict[str, str] = {}  # name -> where it came from, in registration order
-        self._metric_names: dict[
-            str, tuple[str, ...]
-        ] = {}  # plugin name -> the names its kto_metrics returned
+        # plugin name -> the metric names its kto_metrics returned first
+        self._metric_names: dict[str, tuple[str, ...]] = {}
         for cls in BUILTIN_PLUGINS:
             self._register(cls(), f"builtin:{cls.name}", "built-in")
         if autoload is None:
@@ -123,9 +122,8 @@ class KTOPluginManager:
             self._load_entry_points()
         plugins = list(plugins)
         names: list[str] = []
-        for i, plugin in enumerate(
-            plugins
-        ):  # named in list order, registered last to first (called first to last)
+        # named in list order and registered last to first, so that they are called first to last
+        for i, plugin in enumerate(plugins):
             if any(plugin is other for other in plugins[:i]):
                 raise ValueError(
                     f"Plugin {_readable_name(plugin)!r} is passed twice in plugins=[...]. Pass it once."
@@ -169,7 +167,7 @@ class KTOPluginManager:
             self.pm.register(plugin, name=name)
         except pluggy.PluginValidationError as err:
             raise PluginValidationError(
-                f"{err}\nAn implementation may take any subset of its hook's arguments: "
+                f"{err} (plugin from {source})\nAn implementation may take any subset of its hook's arguments: "
                 + "; ".join(f"{h}({', '.join(getattr(self.pm.hook, h).spec.argnames)})" for h in HOOK_NAMES)
             ) from None
         self._sources[name] = source
