@@ -320,9 +320,6 @@ def test_plugins_are_logged_with_their_source_at_attach(model, tokenizer, rows, 
     with caplog.at_level(logging.INFO, logger="kto_plugin"):
         kto.attach(trainer)
         kto.attach(trainer)  # idempotent: logged once
-    lines = [r.getMessage() for r in caplog.records if "plugins:" in r.getMessage()]
-    assert len(lines) == 1
-    assert (
-        "plugins: test_hooks.LogSigmoid [KTOPlugin(plugins=...)], builtin:apo_zero_unpaired [built-in], "
-        "builtin:kto [built-in]"
-    ) in lines[0]
+    lines = [r.getMessage() for r in caplog.records if "test_hooks.LogSigmoid" in r.getMessage()]
+    assert len(lines) == 1 and "kto_plugin: attached" in lines[0]
+    assert "test_hooks.LogSigmoid [KTOPlugin(plugins=...)]" in lines[0]
