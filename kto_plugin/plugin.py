@@ -47,7 +47,8 @@ class KTOPlugin:
             (`KTOConfig.peft_reference`); with `precompute_ref_log_probs`, no reference model at all.
         ref_adapter_name: a PEFT adapter of the policy to use as the reference (an adapter named ``"ref"``
             is used by convention when present).
-        plugins: extra pluggy plugins (objects or modules with `@kto_plugin.hookimpl` hooks).
+        plugins: extra pluggy plugins (objects or modules with `@kto_plugin.hookimpl` hooks), called in list
+            order before installed (entry-point) plugins and the built-ins. See `kto_plugin.hookspecs`.
     """
 
     def __init__(
@@ -132,6 +133,9 @@ class KTOPlugin:
                 "The trainer already has a compute_loss_func; KTO replaces the loss. Create the Trainer without "
                 "compute_loss_func."
             )
+        # plugins registered since construction (kto.plugins.register) count too
+        self.plugins.check()
+        self.needs_kl = self.loss_hook.needs_kl = self.collator.build_kl = self.plugins.needs_kl(self.config)
         self._validate(trainer)
         policy = trainer.accelerator.unwrap_model(trainer.model)
 

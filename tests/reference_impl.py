@@ -60,3 +60,15 @@ def naive_z0(policy_kl, reference_kl):
     """max(0, mean of mismatched-pair log-ratios), no gradient."""
     diffs = [(float(p) - float(r)) for p, r in zip(policy_kl, reference_kl)]
     return max(0.0, math.fsum(diffs) / len(diffs))
+
+
+def naive_kto_logsigmoid_losses(policy, reference, labels, kl, beta):
+    """Per-example log-sigmoid KTO losses (HALOs legacy `KTOLogSigmoidTrainer`), one example at a time:
+    log(1 + exp(-beta * (r - z0))) for desirable, log(1 + exp(-beta * (z0 - r))) for undesirable rows."""
+    z0 = kl.detach()
+    out = []
+    for i in range(policy.shape[0]):
+        r = policy[i] - reference[i]
+        margin = beta * (r - z0) if bool(labels[i]) else beta * (z0 - r)
+        out.append(torch.log(1 + torch.exp(-margin)))
+    return torch.stack(out)

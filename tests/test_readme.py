@@ -1,9 +1,15 @@
-"""The README's commands are the ones CI runs, and its four-line snippet is real code."""
+"""The README's commands are the ones CI runs, and its snippets are real code."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
+
+import pytest
+from transformers import Trainer
+
+from helpers import args
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -26,3 +32,18 @@ def test_four_line_snippet_names_the_public_api():
     for name in ("KTOPlugin(KTOConfig(", "kto.prepare_dataset(", "data_collator=kto.collator", "kto.attach(trainer)"):
         assert name in snippet
     compile(snippet, "README", "exec")
+
+
+def test_writing_a_plugin_snippet_trains_with_its_loss(tokenizer, model, rows, tmp_path):
+    snippet = re.search(r"## Writing a plugin\n.*?```python\n(.*?)```", README, re.S).group(1)
+    plugin = snippet.split("class ", 1)[1].split("\nkto = ")[0]
+    plugin_lines = [line for line in plugin.splitlines() if line.strip()]
+    assert len(plugin_lines) == 10  # the README promises a ten-line plugin
+    namespace = {"tokenizer": tokenizer}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    kto = namespace["kto"]
+    trainer = Trainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=kto.prepare_dataset(rows),
+                      data_collator=kto.collator)
+    kto.attach(trainer)
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)  # -log sigmoid(0)
