@@ -147,7 +147,7 @@ class ResumeCallback(TrainerCallback):
             raise ValueError(
                 f"Resuming at step {step}: the reference model differs from the one the checkpoint was "
                 "trained against. The frozen-copy reference is taken from the model the Trainer holds at "
-                "kto.attach(trainer), which must be the *initial* policy: build the model as for the first "
+                "kto.attach(trainer), which must be the initial policy: build the model as for the first "
                 "run (e.g. from_pretrained(<base model>), not from the checkpoint directory) and let "
                 "trainer.train(resume_from_checkpoint=...) load the checkpoint's weights. With ref_model=, "
                 "pass the same reference as before."

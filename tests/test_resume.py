@@ -8,6 +8,7 @@ steps 3-4, also when a logging interval spans the checkpoint (`logging_steps=4`,
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -82,9 +83,62 @@ def test_resume_mid_logging_interval_logs_the_same_averages(base_model, tokenize
     want = _logs(straight, {4}, KTO_KEYS)
     assert set(want[4]) == set(KTO_KEYS)
     assert _logs(resumed, {4}, KTO_KEYS) == want
-    # the checkpoint carries the two steps' sums: the averages are not those of steps 3-4 alone
-    _, steps_1_to_4 = _train(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "every", save_strategy="no")
-    per_step = _logs(steps_1_to_4, {1, 2, 3, 4}, KTO_KEYS)
-    for key in ("kl", "rewards/chosen", "logps/rejected"):
-        assert want[4][key] == pytest.approx(sum(per_step[s][key] for s in (1, 2, 3, 4)) / 4, rel=1e-12)
-        assert want[4][key] != pytest.approx(sum(per_step[s][key] for s in (3, 4)) / 2, rel=1e-6)
+    # the checkpoint carried steps 1-2's sums: without them step 4 would average steps 3-4 only
+    saved = json.loads((tmp_path / "straight" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["kto_plugin"]["metrics"]["counts"]["train"]["kl"] == 2
+
+
+def _lora(base_model):
+    torch.manual_seed(5)
+    return get_peft_model(copy.deepcopy(base_model), lora_config())
+
+
+@pytest.mark.slow
+def test_resume_lora_null_reference_is_exact(base_model, tokenizer, rows, tmp_path):
+    straight, resumed, kto = _resume_case(lambda: _lora(base_model), tokenizer, rows[:16], tmp_path,
+                                          learning_rate=0.5, logging_steps=3)
+    assert kto.reference.mode == "null_adapter"
+    assert (tmp_path / "straight" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    _assert_same_weights(straight.model, resumed.model)
+    want = _logs(straight, {3, 4}, KTO_KEYS)
+    assert want[3]["rewards/margins"] != 0  # the adapter moved: the comparison is not between zeros
+    assert _logs(resumed, {3, 4}, KTO_KEYS) == want
+
+
+@pytest.mark.slow
+def test_resume_with_gradient_accumulation_is_exact(base_model, tokenizer, rows, tmp_path):
+    straight, resumed, _ = _resume_case(lambda: copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path,
+                                        per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    _assert_same_weights(straight.model, resumed.model)
+    want = _logs(straight, {3, 4}, KTO_KEYS + ("loss", "grad_norm"))
+    assert set(want) == {3, 4}
+    assert _logs(resumed, {3, 4}, KTO_KEYS + ("loss", "grad_norm")) == want
+
+
+@pytest.mark.slow
+def test_resume_with_precomputed_reference_reuses_the_log_probs(base_model, tokenizer, rows, tmp_path):
+    cache = str(tmp_path / "cache")
+    kto_kwargs = {"precompute_ref_log_probs": True, "precompute_cache_dir": cache}
+    straight, resumed, kto = _resume_case(lambda: copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path,
+                                          kto_kwargs=kto_kwargs, logging_steps=4)
+    assert kto._precomputer.last_source["train"] == "cache"  # the first run's values, not a second pass
+    assert resumed.train_dataset["ref_logps"] == straight.train_dataset["ref_logps"]
+    _assert_same_weights(straight.model, resumed.model)
+    assert _logs(resumed, {4}, KTO_KEYS) == _logs(straight, {4}, KTO_KEYS)
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["frozen_copy", "precomputed"])
+def test_resume_from_checkpoint_weights_as_initial_model_is_refused(base_model, tokenizer, rows, tmp_path,
+                                                                     precompute):
+    """The reference must be the initial policy; a model loaded from the checkpoint would make it the step-2
+    weights. Refused before any step, naming the fix."""
+    from transformers import AutoModelForCausalLM
+
+    kto_kwargs = {"precompute_ref_log_probs": True, "precompute_cache": False} if precompute else None
+    _train(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "first", kto_kwargs=kto_kwargs, max_steps=2)
+    checkpoint = tmp_path / "first" / "checkpoint-2"
+    trained = AutoModelForCausalLM.from_pretrained(str(checkpoint))
+    match = "precomputed reference log-probs" if precompute else "reference model differs"
+    with pytest.raises(ValueError, match=match) as info:
+        _train(trained, tokenizer, rows[:16], tmp_path / "again", resume=str(checkpoint), kto_kwargs=kto_kwargs)
+    assert "initial policy" in str(info.value)
