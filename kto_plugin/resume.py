@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,20 +41,27 @@ STATE_KEY = "kto_plugin"
 STATE_FORMAT = 1
 
 
-def sampled_fingerprint(module: torch.nn.Module, samples: int = 64) -> str:
+def sampled_fingerprint(
+    module: torch.nn.Module, samples: int = 64, keep: Callable[[str], bool] | None = None
+) -> str | None:
     """sha256 over every parameter and buffer's name, dtype, shape and `samples` evenly spaced elements.
 
     Cheap at any model size (a few hundred small device-to-host copies), and an optimizer step changes the
     sampled elements of a trained tensor, so it tells the initial policy from a checkpoint's weights.
+    `keep(name)` selects the tensors (default: all); None when it selects none.
     """
     h = hashlib.sha256()
+    found = False
     for name, tensor in sorted(module.state_dict().items()):
+        if keep is not None and not keep(name):
+            continue
+        found = True
         flat = tensor.detach().reshape(-1)
         stride = max(1, flat.numel() // samples)
         picked = flat[::stride][:samples].cpu().contiguous()
         h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         h.update(picked.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return h.hexdigest() if found else None
 
 
 def column_hash(dataset: Any, column: str) -> str | None:
@@ -78,16 +86,26 @@ class ResumeCallback(TrainerCallback):
     # --- what identifies the reference ---
 
     def reference_identity(self) -> dict[str, str | None]:
-        """``{"reference_model": fingerprint or None, "ref_logps": hash or None}``, computed once per run."""
+        """``{"reference_kind", "reference" (a description), "reference_model": fingerprint or None, "ref_logps": hash or None}``,
+        computed once per run. The fingerprint covers a separate or frozen-copy reference model, or the
+        reference adapter's tensors; the base model of a null (adapter-off) reference is never trained."""
         if self._identity is None:
             plugin = self.plugin
             trainer = plugin.trainer
-            ref_model = plugin.reference.ref_model
+            reference = plugin.reference
             fingerprint = None
-            if ref_model is not None:
-                module = trainer.accelerator.unwrap_model(ref_model)
+            if reference.ref_model is not None:
+                module = trainer.accelerator.unwrap_model(reference.ref_model)
                 fingerprint = None if is_sharded(module) else sampled_fingerprint(module)
+            elif reference.mode == "named_adapter":
+                policy = trainer.accelerator.unwrap_model(trainer.model)
+                if not is_sharded(policy):
+                    marker = f".{reference.ref_adapter_name}."
+                    fingerprint = sampled_fingerprint(policy, keep=lambda name: marker in name)
+            kind = f"{reference.mode}/{reference.ref_adapter_name or ''}/{'copy' if reference.created_adapter else ''}"
             self._identity = {
+                "reference_kind": kind,
+                "reference": reference.describe(),
                 "reference_model": fingerprint,
                 "ref_logps": column_hash(trainer.train_dataset, "ref_logps"),
             }
@@ -141,6 +159,14 @@ class ResumeCallback(TrainerCallback):
 
     def _check_reference(self, saved: dict[str, Any], step: int) -> None:
         now = self.reference_identity()
+        if saved.get("reference_kind") and saved["reference_kind"] != now["reference_kind"]:
+            raise ValueError(
+                f"Resuming at step {step}: the reference is now {now['reference']!r}, but the checkpoint was "
+                f"trained against {saved['reference']!r}. The reference must be the initial policy, as in the "
+                "first run: build the model as for the first run (e.g. the base model with a fresh adapter, not "
+                "the checkpoint's adapter or weights) with the same KTOConfig, ref_model and ref_adapter_name, "
+                "and let trainer.train(resume_from_checkpoint=...) load the checkpoint."
+            )
         if saved.get("reference_model") and now["reference_model"] and saved["reference_model"] != now[
             "reference_model"
         ]:

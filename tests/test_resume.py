@@ -152,3 +152,29 @@ def test_resume_from_checkpoint_weights_as_initial_model_is_refused(base_model, 
     with pytest.raises(ValueError, match=match) as info:
         _train(trained, tokenizer, rows[:16], tmp_path / "again", resume=str(checkpoint), kto_kwargs=kto_kwargs)
     assert "initial policy" in str(info.value)
+
+
+def test_resume_with_the_checkpoint_adapter_as_initial_model_is_refused(base_model, tokenizer, rows, tmp_path):
+    """A fresh LoRA's reference is the base model; loading the checkpoint's (trained) adapter into the model
+    before attach would make the reference a copy of it. Refused before any step."""
+    from peft import PeftModel
+
+    _train(_lora(base_model), tokenizer, rows[:16], tmp_path / "first", max_steps=2, learning_rate=0.5)
+    checkpoint = tmp_path / "first" / "checkpoint-2"
+    trained = PeftModel.from_pretrained(copy.deepcopy(base_model), str(checkpoint), is_trainable=True)
+    with pytest.raises(ValueError, match="reference is now .*frozen copy of adapter .*trained against .*base model"):
+        _train(trained, tokenizer, rows[:16], tmp_path / "again", resume=str(checkpoint), learning_rate=0.5)
+
+
+@pytest.mark.slow
+def test_resume_with_a_copied_adapter_reference_is_exact(base_model, tokenizer, rows, tmp_path):
+    """An adapter that already changes the model (a loaded SFT adapter) gets a frozen copy named "ref" as its
+    reference; the resumed run copies it again from the initial adapter, and the fingerprint check passes."""
+    from reference_cases import peft_policy
+
+    straight, resumed, kto = _resume_case(lambda: peft_policy(base_model, trained=True), tokenizer, rows[:16],
+                                          tmp_path, learning_rate=0.5, logging_steps=3)
+    assert kto.reference.mode == "named_adapter" and kto.reference.created_adapter == "ref"
+    assert resumed.state.stateful_callbacks["kto_plugin"]["reference_model"]  # the copy was fingerprinted
+    _assert_same_weights(straight.model, resumed.model)
+    assert _logs(resumed, {3, 4}, KTO_KEYS) == _logs(straight, {3, 4}, KTO_KEYS)
