@@ -86,13 +86,21 @@ def test_resume_full_finetune_is_exact(base_model, tokenizer, rows, tmp_path):
 
 @pytest.mark.slow
 def test_resume_mid_logging_interval_logs_the_same_averages(base_model, tokenizer, rows, tmp_path):
-    """logging_steps=4 with the checkpoint at 2: the step-4 KTO metrics average steps 1-4 in both runs."""
+    """logging_steps=4 with the checkpoint at 2: the step-4 KTO metrics average steps 1-4 in both runs. An
+    evaluation at step 2, just before the save, takes only its own metrics."""
     straight, resumed, _ = _resume_case(lambda: copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path,
-                                        logging_steps=4)
+                                        logging_steps=4, eval_rows=rows[16:24], eval_strategy="steps",
+                                        eval_steps=2)
     _assert_same_weights(straight.model, resumed.model)
     want = _logs(straight, {4}, KTO_KEYS)
     assert set(want[4]) == set(KTO_KEYS)
     assert _logs(resumed, {4}, KTO_KEYS) == want
+    eval_keys = ("eval_kl", "eval_rewards/chosen", "eval_rewards/margins", "eval_loss")
+    def evals(trainer):
+        return {e["step"]: {k: e[k] for k in eval_keys} for e in trainer.state.log_history if "eval_kl" in e}
+
+    assert set(evals(straight)) == {2, 4}
+    assert evals(resumed) == evals(straight)  # step 2's is the checkpoint's log history, step 4's recomputed
     # the checkpoint carried steps 1-2's sums: without them step 4 would average steps 3-4 only
     saved = json.loads((tmp_path / "straight" / "checkpoint-2" / "trainer_state.json").read_text())
     assert saved["stateful_callbacks"]["kto_plugin"]["metrics"]["counts"]["train"]["kl"] == 2
