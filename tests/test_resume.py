@@ -186,3 +186,14 @@ def test_resume_with_a_copied_adapter_reference_is_exact(base_model, tokenizer, 
     assert resumed.state.stateful_callbacks["kto_plugin"]["reference_model"]  # the copy was fingerprinted
     _assert_same_weights(straight.model, resumed.model)
     assert _logs(resumed, {3, 4}, KTO_KEYS) == _logs(straight, {3, 4}, KTO_KEYS)
+
+
+def test_readme_resume_snippet_attaches_before_resuming():
+    from pathlib import Path
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"### Resuming a run\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    compile(snippet, "README.md", "exec")
+    assert snippet.index("kto.attach(trainer)") < snippet.index("trainer.train(resume_from_checkpoint=")
+    assert readme.index("### Resuming a run") < readme.index("## Development")
