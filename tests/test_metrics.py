@@ -76,6 +76,7 @@ class _Probe(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step in self.at:
             self.seen[state.global_step] = _leaves(self.accumulator.state_dict())
+            self.seen[-state.global_step] = _leaves(state.stateful_callbacks.get("kto_plugin", {}))
 
 
 @pytest.mark.slow
@@ -92,6 +93,9 @@ def test_accumulator_memory_is_constant_over_a_long_interval(model, tokenizer, r
     assert early.keys() == late.keys()  # same names after 5 and after 50 micro-batches: no per-step entries
     assert all(type(v) in (float, int) for v in late.values())  # numbers, not tensors or lists
     assert early["counts/train/kl/"] == 5 and late["counts/train/kl/"] == 50
+    # what each checkpoint would carry (tests/test_resume.py) does not grow either
+    assert dict(probe.seen[-5]).keys() == dict(probe.seen[-50]).keys()
+    assert len(probe.seen[-50]) < 50
     log = next(e for e in trainer.state.log_history if e.get("step") == 50 and "kl" in e)
     assert len(recorder.values) == 50
     assert log["test/mean_logps"] == pytest.approx(sum(recorder.values) / 50, rel=1e-12)

@@ -79,6 +79,7 @@ def _resume_case(make_model, tokenizer, rows, tmp_path, kto_kwargs=None, **overr
 def test_resume_full_finetune_is_exact(base_model, tokenizer, rows, tmp_path):
     straight, resumed, kto = _resume_case(lambda: copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path)
     _assert_same_weights(straight.model, resumed.model)
+    _assert_same_weights(kto.reference.ref_model, base_model)  # the initial policy, not the step-2 weights
     want = _logs(straight, {3, 4}, KTO_KEYS + ("loss", "grad_norm", "learning_rate"))
     assert set(want) == {3, 4} and all(set(KTO_KEYS) <= set(v) for v in want.values())
     assert _logs(resumed, {3, 4}, KTO_KEYS + ("loss", "grad_norm", "learning_rate")) == want
