@@ -1,4 +1,4 @@
-"""Exact resume: the plugin's run state travels in every checkpoint's ``trainer_state.json``.
+"""Exact resume: the plugin's run state travels in each checkpoint's ``trainer_state.json``.
 
 `Trainer.train(resume_from_checkpoint=...)` already restores the weights (the adapter's for a PEFT model), the
 optimizer, the scheduler, the RNG states and the data position (it skips the batches already trained on, so the
@@ -86,9 +86,10 @@ class ResumeCallback(TrainerCallback):
     # --- what identifies the reference ---
 
     def reference_identity(self) -> dict[str, str | None]:
-        """``{"reference_kind", "reference" (a description), "reference_model": fingerprint or None, "ref_logps": hash or None}``,
-        computed once per run. The fingerprint covers a separate or frozen-copy reference model, or the
-        reference adapter's tensors; the base model of a null (adapter-off) reference is never trained."""
+        """What the reference is, computed once per run: ``reference_kind`` (mode, adapter, copy or not),
+        ``reference`` (its description), ``reference_model`` (a fingerprint of a separate or frozen-copy
+        reference model, or of the reference adapter's tensors; None for a null reference, whose base model
+        is never trained, and for sharded weights) and ``ref_logps`` (a hash of the precomputed column)."""
         if self._identity is None:
             plugin = self.plugin
             trainer = plugin.trainer
@@ -102,7 +103,8 @@ class ResumeCallback(TrainerCallback):
                 if not is_sharded(policy):
                     marker = f".{reference.ref_adapter_name}."
                     fingerprint = sampled_fingerprint(policy, keep=lambda name: marker in name)
-            kind = f"{reference.mode}/{reference.ref_adapter_name or ''}/{'copy' if reference.created_adapter else ''}"
+            copied = "copy" if reference.created_adapter else ""
+            kind = f"{reference.mode}/{reference.ref_adapter_name or ''}/{copied}"
             self._identity = {
                 "reference_kind": kind,
                 "reference": reference.describe(),
@@ -142,7 +144,8 @@ class ResumeCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._identity = None
-        saved = state.stateful_callbacks.get(STATE_KEY) if isinstance(state.stateful_callbacks, dict) else None
+        callbacks = state.stateful_callbacks
+        saved = callbacks.get(STATE_KEY) if isinstance(callbacks, dict) else None
         if not saved or state.global_step == 0:
             return
         if saved.get("format") != STATE_FORMAT:
@@ -154,8 +157,9 @@ class ResumeCallback(TrainerCallback):
         plugin = self.plugin
         plugin.metrics.load_state_dict(copy.deepcopy(saved["metrics"]))
         plugin.loss_hook.total_train_tokens = saved["total_train_tokens"]
-        logger.info("kto_plugin: resumed at step %d with the metrics and token count of the checkpoint",
-                    state.global_step)
+        logger.info(
+            "kto_plugin: resumed at step %d with the checkpoint's metrics and token count", state.global_step
+        )
 
     def _check_reference(self, saved: dict[str, Any], step: int) -> None:
         now = self.reference_identity()
@@ -167,16 +171,15 @@ class ResumeCallback(TrainerCallback):
                 "the checkpoint's adapter or weights) with the same KTOConfig, ref_model and ref_adapter_name, "
                 "and let trainer.train(resume_from_checkpoint=...) load the checkpoint."
             )
-        if saved.get("reference_model") and now["reference_model"] and saved["reference_model"] != now[
-            "reference_model"
-        ]:
+        was, now_fp = saved.get("reference_model"), now["reference_model"]
+        if was and now_fp and was != now_fp:
             raise ValueError(
                 f"Resuming at step {step}: the reference model differs from the one the checkpoint was "
-                "trained against. The frozen-copy reference is taken from the model the Trainer holds at "
-                "kto.attach(trainer), which must be the initial policy: build the model as for the first "
-                "run (e.g. from_pretrained(<base model>), not from the checkpoint directory) and let "
-                "trainer.train(resume_from_checkpoint=...) load the checkpoint's weights. With ref_model=, "
-                "pass the same reference as before."
+                "trained against. A frozen copy (of the model or of its adapter) is taken from the model the "
+                "Trainer holds at kto.attach(trainer), which must be the initial policy: build the model as "
+                "for the first run (e.g. from_pretrained(<base model>), not from the checkpoint directory) "
+                "and let trainer.train(resume_from_checkpoint=...) load the checkpoint's weights. With "
+                "ref_model=, pass the same reference as before."
             )
         if saved.get("ref_logps") and now["ref_logps"] and saved["ref_logps"] != now["ref_logps"]:
             raise ValueError(
