@@ -198,3 +198,29 @@ def test_readme_resume_snippet_attaches_before_resuming():
     compile(snippet, "README.md", "exec")
     assert snippet.index("kto.attach(trainer)") < snippet.index("trainer.train(resume_from_checkpoint=")
     assert readme.index("### Resuming a run") < readme.index("## Development")
+
+
+@pytest.mark.slow
+def test_resume_with_model_init_copies_the_reference_before_the_checkpoint_loads(base_model, tokenizer, rows,
+                                                                               tmp_path):
+    """With `model_init`, `train()` builds the model and then loads the checkpoint into it; the frozen copy is
+    taken in between (`compat.rebinding_model_init`), so it is the initial policy."""
+    from helpers import args
+    from transformers import Trainer
+
+    from kto_plugin import KTOConfig, KTOPlugin
+
+    def run(out, resume=None):
+        kto = KTOPlugin(KTOConfig(max_length=96, warn_guidance=False), tokenizer=tokenizer)
+        trainer = Trainer(model_init=lambda: copy.deepcopy(base_model),
+                          args=args(out, max_steps=4, save_strategy="steps", save_steps=2, logging_steps=3),
+                          train_dataset=kto.prepare_dataset(rows[:16]), data_collator=kto.collator)
+        kto.attach(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        return kto, trainer
+
+    _, straight = run(tmp_path / "straight")
+    kto, resumed = run(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-2"))
+    _assert_same_weights(kto.reference.ref_model, base_model)
+    _assert_same_weights(straight.model, resumed.model)
+    assert _logs(resumed, {3, 4}, KTO_KEYS) == _logs(straight, {3, 4}, KTO_KEYS)
