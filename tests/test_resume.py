@@ -224,3 +224,16 @@ def test_resume_with_model_init_copies_the_reference_before_the_checkpoint_loads
     _assert_same_weights(kto.reference.ref_model, base_model)
     _assert_same_weights(straight.model, resumed.model)
     assert _logs(resumed, {3, 4}, KTO_KEYS) == _logs(straight, {3, 4}, KTO_KEYS)
+
+
+def test_sampled_fingerprint_tells_trained_weights_apart(base_model):
+    from kto_plugin.resume import sampled_fingerprint
+
+    model = copy.deepcopy(base_model).to(torch.bfloat16)
+    before = sampled_fingerprint(model)
+    assert before == sampled_fingerprint(copy.deepcopy(model))
+    with torch.no_grad():  # what one optimizer step does: every element moves a little
+        for p in model.parameters():
+            p.add_(1e-2 * torch.sign(torch.randn_like(p)))
+    assert sampled_fingerprint(model) != before
+    assert sampled_fingerprint(model, keep=lambda name: ".no_such_adapter." in name) is None
