@@ -21,6 +21,7 @@ from .plugin_manager import KTOPluginManager
 from .adapters import AdapterHost
 from .precompute import ReferencePrecomputer, default_cache_dir
 from .reference import ReferenceManager, disable_dropout, preserved_state
+from .resume import ResumeCallback
 from .sharding import sharding_of
 
 logger = logging.getLogger("kto_plugin")
@@ -89,6 +90,7 @@ class KTOPlugin:
         self._saved: dict[str, Any] = {}
         self._callback: KTOMetricsCallback | None = None
         self._generation: KTOGenerationCallback | None = None
+        self._resume: ResumeCallback | None = None
         self._compat = TrainerCompat(self)
         self._restore_dropout: list = []
         self.adviser = Adviser()
@@ -166,6 +168,9 @@ class KTOPlugin:
                 self.config.generate_max_new_tokens,
             )
             trainer.callback_handler.callbacks.insert(1, self._generation)
+        # last: its on_log stores the accumulator after the metrics callback has taken the interval's values
+        self._resume = ResumeCallback(self)
+        trainer.callback_handler.callbacks.append(self._resume)
         self._compat.install(trainer)
         self.trainer = trainer
         if self.config.precompute_ref_log_probs:
@@ -264,13 +269,14 @@ class KTOPlugin:
         self.collator.model_kwargs = saved["collator_model_kwargs"]
         trainer.train_dataset = saved["train_dataset"]
         trainer.eval_dataset = saved["eval_dataset"]
-        for callback in (self._callback, self._generation):
+        for callback in (self._callback, self._generation, self._resume):
             if callback in trainer.callback_handler.callbacks:
                 trainer.callback_handler.callbacks.remove(callback)
         self._compat.uninstall(trainer)
         self._unbind_model()
         self._callback = None
         self._generation = None
+        self._resume = None
         self._saved = {}
         self._precomputer = None
         self.trainer = None
