@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kto_plugin import KTOConfig, KTOPlugin
 from kto_plugin.demo import build_tiny_model, build_tokenizer, hh_unpaired_rows
@@ -44,12 +44,30 @@ def run_name(spec: dict[str, Any]) -> str:
     return "-".join(str(spec[k]) for k in ("finetune", "loss_type", "kl_estimate", "batch", "accumulation"))
 
 
+class FirstStepWeights(TrainerCallback):
+    """Keeps the trainable weights after the first optimizer step."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == 1:
+            self.weights = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+
 def train_once(
-    spec: dict[str, Any], output_dir: str, max_steps: int = 4, learning_rate: float = 1e-2, optim: str = "sgd",
-    fsdp: bool = False, n_pairs: int = 32,
+    spec: dict[str, Any], output_dir: str, max_steps: int = 4, learning_rate: float = 5e-2, optim: str = "sgd",
+    fsdp: bool = False, n_pairs: int = 32, desirable_only: bool = False,
 ) -> dict[str, Any]:
-    """One KTO run on the embedded default; returns this rank's trainable weights and logged loss/kl per step."""
-    rows = hh_unpaired_rows(n_pairs)
+    """One KTO run on the embedded default; returns this rank's trainable weights and logged loss/kl per step.
+
+    `desirable_only`: keep only the chosen completions (the policy then raises completion log-probs in general,
+    so z0 becomes positive within a few steps, which makes a z0 comparison meaningful).
+    """
+    rows = hh_unpaired_rows(n_pairs * (2 if desirable_only else 1))
+    if desirable_only:
+        rows = [r for r in rows if r["label"]][: 2 * n_pairs]
     tokenizer = build_tokenizer([r["prompt"] + r["completion"] for r in rows], vocab_size=1024)
     model = build_tiny_model(len(tokenizer), hidden_size=32)  # seeded: identical on every rank
     if spec["finetune"] == "lora":
@@ -70,7 +88,9 @@ def train_once(
         use_cpu=True, seed=0, train_sampling_strategy="sequential", dataloader_drop_last=True,
         ddp_find_unused_parameters=False, disable_tqdm=True, **extra,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=kto.prepare_dataset(rows), data_collator=kto.collator)
+    first_step = FirstStepWeights(model) if not fsdp else None
+    trainer = Trainer(model=model, args=args, train_dataset=kto.prepare_dataset(rows), data_collator=kto.collator,
+                      callbacks=[first_step] if first_step else None)
     kto.attach(trainer)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h and "kl" in h]
@@ -83,6 +103,7 @@ def train_once(
         weights = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
     return {
         "weights": weights,
+        "first_step_weights": first_step.weights if first_step else None,
         "loss": [h["loss"] for h in logs],
         "kl": [h["kl"] for h in logs],
         "reference": kto.reference.describe(),
@@ -103,9 +124,10 @@ def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cli.add_argument("--setup", action="append", type=parse_run, help="FINETUNE,LOSS,KL_ESTIMATE[,BATCH,ACCUMULATION]")
     cli.add_argument("--max_steps", type=int, default=4)
-    cli.add_argument("--learning_rate", type=float, default=1e-2)
+    cli.add_argument("--learning_rate", type=float, default=5e-2)
     cli.add_argument("--optim", default="sgd")
     cli.add_argument("--fsdp", action="store_true")
+    cli.add_argument("--desirable_only", action="store_true", help="train on chosen completions only (z0 grows)")
     cli.add_argument("--output_dir", default="outputs/multi_process")
     cli.add_argument("--results_dir", default=None)
     opts = cli.parse_args()
@@ -115,7 +137,7 @@ def main() -> None:
         spec.setdefault("accumulation", 2)
         name = run_name(spec)
         result = train_once(spec, os.path.join(opts.output_dir, name), opts.max_steps, opts.learning_rate,
-                            opts.optim, opts.fsdp)
+                            opts.optim, opts.fsdp, desirable_only=opts.desirable_only)
         same = ranks_identical(result["weights"])
         if opts.results_dir:
             Path(opts.results_dir).mkdir(parents=True, exist_ok=True)
