@@ -129,7 +129,11 @@ class KTOComputeLoss:
             config=self.config,
         )
         loss = weighted_mean(losses, label, self.config.desirable_weight, self.config.undesirable_weight)
-        bad = ~(torch.isfinite(losses) & torch.isfinite(policy.logps) & torch.isfinite(reference_logps))
+        # the offending rows: their own log-probs are not finite (or their loss, while z0 is finite: a
+        # non-finite z0 makes every loss non-finite and is reported with its own rows)
+        bad = ~(torch.isfinite(policy.logps) & torch.isfinite(reference_logps))
+        if bool(torch.isfinite(kl)):
+            bad |= ~torch.isfinite(losses)
         n_nonfinite = self._record(trainer, mode, policy, reference_logps, kl, label, losses, labels, bad)
         if n_nonfinite > 0:
             self._report_nonfinite(trainer, mode, labels, bad, kl)
