@@ -27,6 +27,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kto_plugin import KTOConfig, KTOPlugin
 from kto_plugin.demo import build_tiny_model, build_tokenizer, hh_unpaired_rows
+from kto_plugin.sharding import sharding_of
 
 
 def parse_run(text: str) -> dict[str, Any]:
@@ -80,7 +81,8 @@ def train_once(
                               warn_guidance=False), tokenizer=tokenizer)
     extra: dict[str, Any] = {}
     if fsdp:
-        extra = {"fsdp": "full_shard", "fsdp_config": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+        extra = {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True,
+                                                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
     args = TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=spec.get("batch", 4),
         gradient_accumulation_steps=spec.get("accumulation", 2), max_steps=max_steps, learning_rate=learning_rate,
@@ -107,7 +109,18 @@ def train_once(
         "loss": [h["loss"] for h in logs],
         "kl": [h["kl"] for h in logs],
         "reference": kto.reference.describe(),
+        "sharding": sharding_of(trainer),
+        "policy_sharded": is_sharded(trainer.model),
+        "reference_sharded": is_sharded(kto.reference.ref_model) if kto.reference.ref_model is not None else None,
+        "reference_training": kto.reference.ref_model.training if kto.reference.ref_model is not None else None,
     }
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether the module's parameters are FSDP2 shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def ranks_identical(weights: dict[str, torch.Tensor]) -> bool:
@@ -147,6 +160,8 @@ def main() -> None:
             print(f"{name}: {world} process(es), reference: {result['reference']}")
             print(f"  kl per step:   {[round(k, 6) for k in result['kl']]}")
             print(f"  loss per step: {[round(v, 6) for v in result['loss']]}")
+            print(f"  sharding: {result['sharding']}, policy sharded: {result['policy_sharded']}, reference "
+                  f"sharded: {result['reference_sharded']}")
             print(f"  weights identical on every rank: {same}")
     if dist.is_initialized():
         dist.barrier()

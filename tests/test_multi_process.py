@@ -135,3 +135,17 @@ def test_one_process_window_equals_two_processes_batch(two_process, example, tmp
     assert any(k > 0 for k in one["kl"]), one["kl"]
     assert one["kl"] == pytest.approx(two["kl"], rel=1e-4, abs=1e-7)
     _assert_weights_close(one["weights"], two["weights"], **TOL)
+
+
+def test_fsdp2_reference_prepared_sharded_frozen_and_exact():
+    """FSDP2 on CPU with gloo: `prepare_reference` shards the reference, frozen, eval mode, same logits.
+
+    (accelerate 1.15 turns FSDP on only for accelerator devices, so a Trainer on CPU cannot run FSDP; the
+    script hands `prepare_reference` accelerate's own FSDP plugin, as the Trainer would on GPUs.)
+    """
+    script = ROOT / "tests" / "scripts" / "fsdp_reference.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "FSDP-REFERENCE-OK" in proc.stdout
