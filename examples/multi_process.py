@@ -85,16 +85,18 @@ def train_once(
                                                 "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
     args = TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=spec.get("batch", 4),
-        gradient_accumulation_steps=spec.get("accumulation", 2), max_steps=max_steps, learning_rate=learning_rate,
+        gradient_accumulation_steps=spec.get("accumulation", 2), per_device_eval_batch_size=4, max_steps=max_steps, learning_rate=learning_rate,
         optim=optim, lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no",
         use_cpu=True, seed=0, train_sampling_strategy="sequential", dataloader_drop_last=True,
         ddp_find_unused_parameters=False, disable_tqdm=True, **extra,
     )
     first_step = FirstStepWeights(model) if not fsdp else None
-    trainer = Trainer(model=model, args=args, train_dataset=kto.prepare_dataset(rows), data_collator=kto.collator,
-                      callbacks=[first_step] if first_step else None)
+    train_ds = kto.prepare_dataset(rows)
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=train_ds.select(range(16)),
+                      data_collator=kto.collator, callbacks=[first_step] if first_step else None)
     kto.attach(trainer)
     trainer.train()
+    evaluation = {k: v for k, v in trainer.evaluate().items() if not k.endswith(("runtime", "per_second"))}
     logs = [h for h in trainer.state.log_history if "loss" in h and "kl" in h]
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -108,6 +110,7 @@ def train_once(
         "first_step_weights": first_step.weights if first_step else None,
         "loss": [h["loss"] for h in logs],
         "kl": [h["kl"] for h in logs],
+        "eval": evaluation,
         "reference": kto.reference.describe(),
         "sharding": sharding_of(trainer),
         "policy_sharded": is_sharded(trainer.model),
@@ -160,6 +163,7 @@ def main() -> None:
             print(f"{name}: {world} process(es), reference: {result['reference']}")
             print(f"  kl per step:   {[round(k, 6) for k in result['kl']]}")
             print(f"  loss per step: {[round(v, 6) for v in result['loss']]}")
+            print(f"  eval: kl {result['eval']['eval_kl']:.6f}, loss {result['eval']['eval_loss']:.6f}")
             print(f"  sharding: {result['sharding']}, policy sharded: {result['policy_sharded']}, reference "
                   f"sharded: {result['reference_sharded']}")
             print(f"  weights identical on every rank: {same}")

@@ -93,6 +93,9 @@ def test_ranks_end_identical(two_process, name):
         assert torch.equal(rank0["weights"][key], rank1["weights"][key]), key
     assert rank0["kl"] == rank1["kl"]
     assert rank0["loss"] == rank1["loss"]
+    # evaluation (16 rows, 8 per rank): metrics reduced inside the loss call, the same on both ranks
+    assert {"eval_kl", "eval_rewards/chosen", "eval_logps/chosen", "eval_loss"} <= rank0["eval"].keys()
+    assert rank0["eval"] == rank1["eval"]
 
 
 def test_training_moved_the_weights_and_z0(two_process):
@@ -149,3 +152,14 @@ def test_fsdp2_reference_prepared_sharded_frozen_and_exact():
                            str(script)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "FSDP-REFERENCE-OK" in proc.stdout
+
+
+def test_nonfinite_on_one_rank_is_reported_and_skipped_on_both():
+    """`on_nonfinite="skip"`: a NaN row that only rank 1 trains on is reported on both ranks with its row index
+    and drops step 2's update on both, so the ranks stay identical (`tests/scripts/nonfinite_two_process.py`)."""
+    script = ROOT / "tests" / "scripts" / "nonfinite_two_process.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "KTO_PLUGIN_DISABLE_AUTOLOAD": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "NONFINITE-OK" in proc.stdout
