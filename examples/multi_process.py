@@ -10,8 +10,9 @@ ends with the same weights. Runs offline on the embedded default (tiny Llama, sh
 
 Several runs in one launch (used by the tests): ``--setup FINETUNE,LOSS,KL_ESTIMATE[,BATCH,ACCUMULATION]``,
 repeatable, e.g. ``--setup full,kto,batch --setup lora,kto,window,4,2``. With ``--results_dir DIR`` each rank
-writes ``DIR/<run>.rank<r>.pt``: its trainable weights and the logged loss and kl per step. ``--fsdp`` wraps
-the policy in FSDP (``full_shard``; on CPU with gloo for a test, on GPUs for real).
+writes ``DIR/<run>.rank<r>.pt``: its trainable weights and the logged loss and kl per step. ``--fsdp`` shards
+the policy (and a separate reference) with FSDP2; it needs GPUs: accelerate 1.15 enables FSDP only on accelerator
+devices and runs DDP on CPU (the printed ``sharding:`` line says which ran).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def parse_run(text: str) -> dict[str, Any]:
     """``"lora,kto,window,4,2"`` -> {finetune, loss_type, kl_estimate, batch, accumulation}."""
     parts = text.split(",")
     if len(parts) not in (3, 5) or parts[0] not in ("full", "lora"):
-        raise SystemExit(f"--setup {text!r}: expected FINETUNE,LOSS,KL_ESTIMATE[,BATCH,ACCUMULATION], FINETUNE full|lora")
+        raise SystemExit(
+            f"--setup {text!r}: expected FINETUNE,LOSS,KL_ESTIMATE[,BATCH,ACCUMULATION] with FINETUNE full or lora"
+        )
     spec = {"finetune": parts[0], "loss_type": parts[1], "kl_estimate": parts[2]}
     if len(parts) == 5:
         spec["batch"], spec["accumulation"] = int(parts[3]), int(parts[4])
@@ -77,18 +80,18 @@ def train_once(
         torch.manual_seed(1)
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                  task_type="CAUSAL_LM"))
-    kto = KTOPlugin(KTOConfig(max_length=64, max_prompt_length=32, loss_type=spec["loss_type"], kl_estimate=spec["kl_estimate"],
-                              warn_guidance=False), tokenizer=tokenizer)
+    kto = KTOPlugin(KTOConfig(max_length=64, max_prompt_length=32, loss_type=spec["loss_type"],
+                              kl_estimate=spec["kl_estimate"], warn_guidance=False), tokenizer=tokenizer)
     extra: dict[str, Any] = {}
     if fsdp:
         extra = {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True,
                                                 "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
     args = TrainingArguments(
-        output_dir=output_dir, per_device_train_batch_size=spec.get("batch", 4),
-        gradient_accumulation_steps=spec.get("accumulation", 2), per_device_eval_batch_size=4, max_steps=max_steps, learning_rate=learning_rate,
+        output_dir=output_dir, per_device_train_batch_size=spec.get("batch", 4), per_device_eval_batch_size=4,
+        gradient_accumulation_steps=spec.get("accumulation", 2), max_steps=max_steps, learning_rate=learning_rate,
         optim=optim, lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no",
-        use_cpu=True, seed=0, train_sampling_strategy="sequential", dataloader_drop_last=True,
-        ddp_find_unused_parameters=False, disable_tqdm=True, **extra,
+        use_cpu=not torch.cuda.is_available(), seed=0, train_sampling_strategy="sequential",
+        dataloader_drop_last=True, ddp_find_unused_parameters=False, disable_tqdm=True, **extra,
     )
     first_step = FirstStepWeights(model) if not fsdp else None
     train_ds = kto.prepare_dataset(rows)

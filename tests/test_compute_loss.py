@@ -54,3 +54,24 @@ def test_window_estimate_not_installed_without_kl(model, tokenizer, rows, tmp_pa
                                kto_kwargs={"kl_estimate": "window", "loss_type": "apo_zero_unpaired"})
     kto.attach(trainer)
     assert "get_batch_samples" not in trainer.__dict__
+
+
+@pytest.mark.slow
+def test_window_estimate_with_precomputed_reference_equals_live(base_model, tokenizer, rows, tmp_path):
+    import copy
+
+    runs = []
+    desirable = [r for r in rows if r["label"]]  # the policy raises completion log-probs: z0 leaves 0
+    for precompute in (False, True):
+        kto, trainer = kto_trainer(
+            copy.deepcopy(base_model), tokenizer, desirable, tmp_path / str(precompute),
+            kto_kwargs={"kl_estimate": "window", "precompute_ref_log_probs": precompute, "precompute_cache": False,
+                        "warn_guidance": False},
+            gradient_accumulation_steps=2, max_steps=3,
+        )
+        kto.attach(trainer)
+        trainer.train()
+        runs.append(trainer.state.log_history)
+    live, pre = ([h["kl"] for h in log if "kl" in h and "loss" in h] for log in runs)
+    assert len(live) == 3 and any(k > 0 for k in live), live
+    assert pre == pytest.approx(live, rel=1e-5, abs=1e-7)

@@ -91,7 +91,8 @@ def test_nonfinite_z0_reports_the_kl_pair_rows(model, tokenizer, rows, tmp_path)
     kto, trainer, ds = setup(model, tokenizer, rows, tmp_path, "raise")
     row = ds[POSITION]["row_index"]
     poison(model, [kl_sequence(ds, POSITION)], tokenizer.pad_token_id)
-    with pytest.raises(NonFiniteLossError, match=rf"z0 = nan \(from the KL pairs of rows \[{row}\]\) at training step 2"):
+    expected = rf"z0 = nan \(from the KL pairs of rows \[{row}\]\) at training step 2"
+    with pytest.raises(NonFiniteLossError, match=expected):
         trainer.train()
 
 
