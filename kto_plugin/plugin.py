@@ -105,7 +105,9 @@ class KTOPlugin:
         """Tokenize unpaired rows ``{prompt, completion, label}`` (plain text or conversational).
 
         Takes a `datasets.Dataset`, a `DatasetDict` (each split, reported under its split name) or a list of
-        dicts; returns the same kind with `prompt_ids`, `completion_ids` and `label` (other columns kept).
+        dicts; returns the same kind with `prompt_ids`, `completion_ids`, `label` and `row_index` (the row's
+        position in `dataset`, kept through drops; names rows in non-finite reports; a `row_index` column of
+        your own is kept instead), other columns kept.
         What is dropped or truncated is counted in `self.data_reports[name]` and logged.
         """
         data = _as_dataset(dataset, name)
