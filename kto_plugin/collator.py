@@ -67,7 +67,8 @@ class KTOCollator:
          "labels": KTOLabels(label=(B,) bool, input_ids=(B, T), attention_mask=(B, T),
                              completion_labels=(B, T) token id on completion tokens, -100 elsewhere,
                              kl_input_ids=(B, T'), kl_attention_mask=(B, T'), kl_completion_labels=(B, T'),
-                             ref_logps_bits=(B,), ref_kl_logps_bits=(B,))}  # only if precomputed
+                             ref_logps_bits=(B,), ref_kl_logps_bits=(B,),  # only if precomputed
+                             row_index=(B,))}  # only if the rows carry an integer `row_index`
 
     The loss hook sees only `labels`, so the target ids and mask are repeated there. The KL batch pairs
     prompt i with completion i - 1 (row 0 takes the last row's completion), so each prompt meets a
@@ -155,6 +156,8 @@ class KTOCollator:
                 kl_completions = completions[-1:] + completions[:-1]
             kl_ids, kl_mask, kl_labels = self._side(prompts, kl_completions)
             labels.update(kl_input_ids=kl_ids, kl_attention_mask=kl_mask, kl_completion_labels=kl_labels)
+        if "row_index" in rows[0] and all(isinstance(r["row_index"], int) for r in rows):
+            labels["row_index"] = torch.tensor([r["row_index"] for r in rows], dtype=torch.long)
         for key in ("ref_logps", "ref_kl_logps"):
             if key in rows[0]:
                 labels[f"{key}_bits"] = float32_as_bits([r[key] for r in rows])
