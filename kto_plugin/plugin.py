@@ -22,6 +22,7 @@ from .adapters import AdapterHost
 from .precompute import ReferencePrecomputer, default_cache_dir
 from .reference import ReferenceManager, disable_dropout, preserved_state
 from .sharding import sharding_of
+from .sync import ReferenceSyncCallback, sync_pairs
 
 logger = logging.getLogger("kto_plugin")
 
@@ -89,6 +90,7 @@ class KTOPlugin:
         self._saved: dict[str, Any] = {}
         self._callback: KTOMetricsCallback | None = None
         self._generation: KTOGenerationCallback | None = None
+        self._sync: ReferenceSyncCallback | None = None
         self._compat = TrainerCompat(self)
         self._restore_dropout: list = []
         self.adviser = Adviser()
@@ -166,6 +168,11 @@ class KTOPlugin:
                 self.config.generate_max_new_tokens,
             )
             trainer.callback_handler.callbacks.insert(1, self._generation)
+        if self.config.sync_ref_model:
+            self._sync = ReferenceSyncCallback(
+                trainer, self.reference, self.config.ref_model_mixup_alpha, self.config.ref_model_sync_steps
+            )
+            trainer.callback_handler.callbacks.append(self._sync)  # after the optimizer step, as TRL's
         self._compat.install(trainer)
         self.trainer = trainer
         if self.config.precompute_ref_log_probs:
@@ -190,6 +197,12 @@ class KTOPlugin:
             peft_reference=self.config.peft_reference,
             precompute=self.config.precompute_ref_log_probs,
         )
+        if self.config.sync_ref_model:
+            try:
+                sync_pairs(trainer, self.reference)  # refuses a reference that cannot follow the policy
+            except BaseException:
+                self.reference.teardown()
+                raise
         policy_path = choose_path(policy, sharded=self._sharded(trainer))
         reference_model = self.reference.ref_model
         reference_path = (
@@ -264,13 +277,14 @@ class KTOPlugin:
         self.collator.model_kwargs = saved["collator_model_kwargs"]
         trainer.train_dataset = saved["train_dataset"]
         trainer.eval_dataset = saved["eval_dataset"]
-        for callback in (self._callback, self._generation):
+        for callback in (self._callback, self._generation, self._sync):
             if callback in trainer.callback_handler.callbacks:
                 trainer.callback_handler.callbacks.remove(callback)
         self._compat.uninstall(trainer)
         self._unbind_model()
         self._callback = None
         self._generation = None
+        self._sync = None
         self._saved = {}
         self._precomputer = None
         self.trainer = None
@@ -440,7 +454,6 @@ class KTOPlugin:
             )
         check_liger(args)  # raises before anything is changed
         unsupported = {
-            "sync_ref_model": self.config.sync_ref_model,
             "activation_offloading": self.config.activation_offloading,
             "router_aux_loss_coef": self.config.router_aux_loss_coef is not None,
             "kl_estimate='window'": self.config.kl_estimate == "window",
