@@ -63,6 +63,8 @@ class KTOComputeLoss:
         self.reference_path = LogpsPath(False)
         self._trainer: Any = None
         self.total_train_tokens = 0.0
+        # weight of the MoE router auxiliary loss, None when none is added (`kto_plugin.router`)
+        self.router_aux_loss_coef: float | None = None
         # the last evaluation micro-batch, for `compat.EvalPredictions` (compute_metrics); cleared after each step
         self.eval_batch: EvalBatch | None = None
 
@@ -106,6 +108,8 @@ class KTOComputeLoss:
             config=self.config,
         )
         loss = weighted_mean(losses, label, self.config.desirable_weight, self.config.undesirable_weight)
+        if self.router_aux_loss_coef is not None:
+            loss = loss + self._router_aux_loss(trainer, mode, outputs, loss.device)
         self._record(trainer, mode, policy, reference_logps, kl, label, losses, labels)
         if mode == "eval":
             self.eval_batch = EvalBatch(
@@ -113,6 +117,24 @@ class KTOComputeLoss:
                 labels["input_ids"].shape[1],
             )
         return loss
+
+    def _router_aux_loss(self, trainer: Any, mode: str, outputs: Any, device: torch.device) -> torch.Tensor:
+        """`coef * aux_loss` of the policy forward (the model's own load-balancing loss); logs `aux_loss`."""
+        aux = getattr(outputs, "aux_loss", None)
+        if aux is None:
+            raise ValueError(
+                "The policy is a Mixture-of-Experts model with a router auxiliary loss (coefficient "
+                f"{self.router_aux_loss_coef}), but its forward returned no aux_loss although the batch asked for "
+                "output_router_logits=True. Pass data_collator=kto.collator to the Trainer, or set "
+                "KTOConfig(router_aux_loss_coef=0.0) to train without it."
+            )
+        aux = aux.to(device)
+        value = aux.detach().float().reshape(1)
+        accelerator = trainer.accelerator
+        if accelerator.num_processes > 1:
+            value = accelerator.reduce(value, "mean")
+        self.metrics.add(mode, "aux_loss", value.item())
+        return self.router_aux_loss_coef * aux
 
     def _no_grad_passes(
         self, trainer: Any, model: Any, policy_head: Any, labels: Any

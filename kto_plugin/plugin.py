@@ -21,6 +21,7 @@ from .plugin_manager import KTOPluginManager
 from .adapters import AdapterHost
 from .precompute import ReferencePrecomputer, default_cache_dir
 from .reference import ReferenceManager, disable_dropout, preserved_state
+from .router import router_aux_coef
 from .sharding import sharding_of
 from .sync import ReferenceSyncCallback, sync_pairs
 
@@ -190,6 +191,7 @@ class KTOPlugin:
 
     def _bind_model(self, trainer: Any, policy: Any) -> LogpsPath:
         """Everything tied to the policy instance: the reference, the log-prob paths, dropout."""
+        aux_coef = router_aux_coef(self.config, policy)  # may refuse: before anything is set up
         self.reference.setup(
             trainer,
             policy,
@@ -211,7 +213,11 @@ class KTOPlugin:
             else policy_path
         )
         self.loss_hook.bind(trainer, policy_path, reference_path)
+        self.loss_hook.router_aux_loss_coef = aux_coef
         self.collator.model_kwargs = policy_path.model_kwargs()
+        if aux_coef is not None:
+            # the Trainer's policy forward (not the reference or KL passes) returns the model's own aux_loss
+            self.collator.model_kwargs["output_router_logits"] = True
         if self.config.disable_dropout:
             self._restore_dropout = disable_dropout(policy)
         return policy_path
@@ -455,7 +461,6 @@ class KTOPlugin:
         check_liger(args)  # raises before anything is changed
         unsupported = {
             "activation_offloading": self.config.activation_offloading,
-            "router_aux_loss_coef": self.config.router_aux_loss_coef is not None,
             "kl_estimate='window'": self.config.kl_estimate == "window",
         }
         for name, is_set in unsupported.items():
