@@ -17,6 +17,7 @@ from .generation import KTOGenerationCallback
 from .guidance import Adviser, attach_advice, label_counts
 from .logprobs import LogpsPath, choose_path
 from .metrics import KTOMetricsCallback, MetricsAccumulator
+from .offload import ActivationOffloader, wrap_training_step
 from .plugin_manager import KTOPluginManager
 from .adapters import AdapterHost
 from .precompute import ReferencePrecomputer, default_cache_dir
@@ -92,6 +93,8 @@ class KTOPlugin:
         self._callback: KTOMetricsCallback | None = None
         self._generation: KTOGenerationCallback | None = None
         self._sync: ReferenceSyncCallback | None = None
+        # with activation_offloading: the saved-tensor hooks around each training step (counts what it moved)
+        self.activation_offloader: ActivationOffloader | None = None
         self._compat = TrainerCompat(self)
         self._restore_dropout: list = []
         self.adviser = Adviser()
@@ -151,6 +154,7 @@ class KTOPlugin:
         saved["collator_model_kwargs"] = self.collator.model_kwargs
         saved["train_dataset"] = trainer.train_dataset
         saved["eval_dataset"] = trainer.eval_dataset
+        saved["training_step"] = trainer.__dict__.get("training_step", _MISSING)
 
         policy_path = self._bind_model(trainer, policy)
 
@@ -169,6 +173,9 @@ class KTOPlugin:
                 self.config.generate_max_new_tokens,
             )
             trainer.callback_handler.callbacks.insert(1, self._generation)
+        if self.config.activation_offloading:
+            self.activation_offloader = ActivationOffloader()
+            trainer.training_step = wrap_training_step(trainer, self.activation_offloader)
         if self.config.sync_ref_model:
             self._sync = ReferenceSyncCallback(
                 trainer, self.reference, self.config.ref_model_mixup_alpha, self.config.ref_model_sync_steps
@@ -283,6 +290,10 @@ class KTOPlugin:
         self.collator.model_kwargs = saved["collator_model_kwargs"]
         trainer.train_dataset = saved["train_dataset"]
         trainer.eval_dataset = saved["eval_dataset"]
+        if saved["training_step"] is _MISSING:
+            trainer.__dict__.pop("training_step", None)
+        else:
+            trainer.training_step = saved["training_step"]
         for callback in (self._callback, self._generation, self._sync):
             if callback in trainer.callback_handler.callbacks:
                 trainer.callback_handler.callbacks.remove(callback)
@@ -459,8 +470,13 @@ class KTOPlugin:
                 "parameters gathered on every rank). Turn it off, or generate from a saved checkpoint after training."
             )
         check_liger(args)  # raises before anything is changed
+        if self.config.activation_offloading and sharding_of(trainer) in ("fsdp", "deepspeed3"):
+            raise NotImplementedError(
+                "KTOConfig.activation_offloading is not supported under FSDP or DeepSpeed ZeRO-3 in this version "
+                "(gathered parameters would be taken for activations and copied). Use DDP or ZeRO-1/2, or turn it "
+                "off (activation checkpointing, gradient_checkpointing=True, also saves activation memory)."
+            )
         unsupported = {
-            "activation_offloading": self.config.activation_offloading,
             "kl_estimate='window'": self.config.kl_estimate == "window",
         }
         for name, is_set in unsupported.items():
