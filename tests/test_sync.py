@@ -170,8 +170,11 @@ def test_sync_matches_trl(base_model, tokenizer, rows, tmp_path):
     expected, actual = trl.state.log_history, ours.state.log_history
     assert parity_problems(expected, actual) == []
     # and the sync changed the run: without it the rewards after the first sync differ
-    plain, _ = run_ours(base_model, rows, tokenizer, dict(kto_kwargs, sync_ref_model=False), args)
+    plain, _ = run_ours(base_model, rows, tokenizer, dict(kto_kwargs, sync_ref_model=False),
+                        dict(args, max_steps=TAU + 2))
     plain.train()
-    after = [(a["rewards/chosen"], b["rewards/chosen"]) for a, b in zip(actual, plain.state.log_history)
-             if a.get("step", 0) > TAU and "rewards/chosen" in a and "train_runtime" not in a]
-    assert after and all(abs(x - y) > 1e-3 for x, y in after)
+    steps = {e["step"]: e["rewards/chosen"] for e in actual if "loss" in e}
+    unsynced = {e["step"]: e["rewards/chosen"] for e in plain.state.log_history if "loss" in e}
+    assert len(unsynced) == TAU + 2
+    assert all(abs(steps[s] - unsynced[s]) > 1e-3 for s in (TAU + 1, TAU + 2))
+    assert all(steps[s] == unsynced[s] for s in range(1, TAU + 1))  # identical until the first sync
