@@ -82,6 +82,8 @@ class KTOComputeLoss:
         self.reference_path = LogpsPath(False)
         self._trainer: Any = None
         self.total_train_tokens = 0.0
+        # weight of the MoE router auxiliary loss, None when none is added (`kto_plugin.router`)
+        self.router_aux_loss_coef: float | None = None
         # the last evaluation micro-batch, for `compat.EvalPredictions` (compute_metrics); cleared after each step
         self.eval_batch: EvalBatch | None = None
 
@@ -129,6 +131,8 @@ class KTOComputeLoss:
             config=self.config,
         )
         loss = weighted_mean(losses, label, self.config.desirable_weight, self.config.undesirable_weight)
+        if self.router_aux_loss_coef is not None:
+            loss = loss + self._router_aux_loss(trainer, mode, outputs, loss.device)
         # the offending rows: their own log-probs are not finite (or their loss, while z0 is finite: a
         # non-finite z0 makes every loss non-finite and is reported with its own rows)
         bad = ~(torch.isfinite(policy.logps) & torch.isfinite(reference_logps))
@@ -164,6 +168,24 @@ class KTOComputeLoss:
                 labels["kl_completion_labels"],
             ).logps
         return policy_kl, reference_kl
+
+    def _router_aux_loss(self, trainer: Any, mode: str, outputs: Any, device: torch.device) -> torch.Tensor:
+        """`coef * aux_loss` of the policy forward (the model's own load-balancing loss); logs `aux_loss`."""
+        aux = getattr(outputs, "aux_loss", None)
+        if aux is None:
+            raise ValueError(
+                "The policy is a Mixture-of-Experts model with a router auxiliary loss (coefficient "
+                f"{self.router_aux_loss_coef}), but its forward returned no aux_loss although the batch asked for "
+                "output_router_logits=True. Pass data_collator=kto.collator to the Trainer, or set "
+                "KTOConfig(router_aux_loss_coef=0.0) to train without it."
+            )
+        aux = aux.to(device)
+        value = aux.detach().float().reshape(1)
+        accelerator = trainer.accelerator
+        if accelerator.num_processes > 1:
+            value = accelerator.reduce(value, "mean")
+        self.metrics.add(mode, "aux_loss", value.item())
+        return self.router_aux_loss_coef * aux
 
     def _reference_target(self, trainer: Any, labels: Any) -> torch.Tensor:
         """The reference's log-probs (B,) of the target batch: precomputed, or a no-grad pass."""

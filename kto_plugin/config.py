@@ -152,11 +152,14 @@ class KTOConfig:
     )
     router_aux_loss_coef: float | None = field(
         default=None,
-        metadata={"help": "Weight of a Mixture-of-Experts router auxiliary loss. None: the model config's."},
+        metadata={
+            "help": "Weight of a Mixture-of-Experts model's router (load-balancing) auxiliary loss, added to the "
+            "loss and logged as aux_loss. None: the model config's router_aux_loss_coef; 0.0: off."
+        },
     )
     activation_offloading: bool = field(
         default=False,
-        metadata={"help": "Offload activations to the CPU during the policy forward."},
+        metadata={"help": "Keep the activations saved for backward in CPU memory during each training step."},
     )
 
     # --- evaluation ---
@@ -240,6 +243,11 @@ class KTOConfig:
             )
         if self.ref_model_sync_steps < 1:
             raise ValueError(f"KTOConfig.ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}.")
+        if self.router_aux_loss_coef is not None and not self.router_aux_loss_coef >= 0:
+            raise ValueError(
+                f"KTOConfig.router_aux_loss_coef must be >= 0 or None (the model config's), got "
+                f"{self.router_aux_loss_coef}: a negative weight would reward unbalanced experts."
+            )
         if self.sync_ref_model and self.precompute_ref_log_probs:
             raise ValueError(
                 "KTOConfig.sync_ref_model=True cannot be combined with precompute_ref_log_probs=True: a reference "

@@ -18,12 +18,15 @@ from .guidance import Adviser, attach_advice, label_counts
 from .logprobs import LogpsPath, choose_path
 from .metrics import KTOMetricsCallback, MetricsAccumulator
 from .nonfinite import NonFiniteGuard, NonFiniteSkipCallback
+from .offload import ActivationOffloader, wrap_training_step
 from .plugin_manager import KTOPluginManager
 from .adapters import AdapterHost
 from .precompute import ReferencePrecomputer, default_cache_dir
 from .reference import ReferenceManager, disable_dropout, preserved_state
 from .resume import ResumeCallback
+from .router import router_aux_coef
 from .sharding import sharding_of
+from .sync import ReferenceSyncCallback, sync_pairs
 
 logger = logging.getLogger("kto_plugin")
 
@@ -96,6 +99,9 @@ class KTOPlugin:
         self._generation: KTOGenerationCallback | None = None
         self._resume: ResumeCallback | None = None
         self._skip_callback: NonFiniteSkipCallback | None = None
+        self._sync: ReferenceSyncCallback | None = None
+        # with activation_offloading: the saved-tensor hooks around each training step (counts what it moved)
+        self.activation_offloader: ActivationOffloader | None = None
         self._compat = TrainerCompat(self)
         self._restore_dropout: list = []
         self.adviser = Adviser()
@@ -158,6 +164,7 @@ class KTOPlugin:
         saved["train_dataset"] = trainer.train_dataset
         saved["eval_dataset"] = trainer.eval_dataset
         saved["get_batch_samples"] = trainer.__dict__.get("get_batch_samples", _MISSING)
+        saved["training_step"] = trainer.__dict__.get("training_step", _MISSING)
 
         policy_path = self._bind_model(trainer, policy)
 
@@ -184,6 +191,14 @@ class KTOPlugin:
             trainer.callback_handler.callbacks.insert(0, self._skip_callback)
         if self.config.kl_estimate == "window" and self.needs_kl:
             trainer.get_batch_samples = WindowBatchSamples(trainer.get_batch_samples, trainer, self.loss_hook)
+        if self.config.activation_offloading:
+            self.activation_offloader = ActivationOffloader()
+            trainer.training_step = wrap_training_step(trainer, self.activation_offloader)
+        if self.config.sync_ref_model:
+            self._sync = ReferenceSyncCallback(
+                trainer, self.reference, self.config.ref_model_mixup_alpha, self.config.ref_model_sync_steps
+            )
+            trainer.callback_handler.callbacks.append(self._sync)  # after the optimizer step, as TRL's
         self._compat.install(trainer)
         self.trainer = trainer
         if self.config.precompute_ref_log_probs:
@@ -201,6 +216,7 @@ class KTOPlugin:
 
     def _bind_model(self, trainer: Any, policy: Any) -> LogpsPath:
         """Everything tied to the policy instance: the reference, the log-prob paths, dropout."""
+        aux_coef = router_aux_coef(self.config, policy)  # may refuse: before anything is set up
         self.reference.setup(
             trainer,
             policy,
@@ -208,6 +224,12 @@ class KTOPlugin:
             peft_reference=self.config.peft_reference,
             precompute=self.config.precompute_ref_log_probs,
         )
+        if self.config.sync_ref_model:
+            try:
+                sync_pairs(trainer, self.reference)  # refuses a reference that cannot follow the policy
+            except BaseException:
+                self.reference.teardown()
+                raise
         policy_path = choose_path(policy, sharded=self._sharded(trainer))
         reference_model = self.reference.ref_model
         reference_path = (
@@ -216,7 +238,11 @@ class KTOPlugin:
             else policy_path
         )
         self.loss_hook.bind(trainer, policy_path, reference_path)
+        self.loss_hook.router_aux_loss_coef = aux_coef
         self.collator.model_kwargs = policy_path.model_kwargs()
+        if aux_coef is not None:
+            # the Trainer's policy forward (not the reference or KL passes) returns the model's own aux_loss
+            self.collator.model_kwargs["output_router_logits"] = True
         if self.config.disable_dropout:
             self._restore_dropout = disable_dropout(policy)
         return policy_path
@@ -287,7 +313,11 @@ class KTOPlugin:
         else:
             trainer.get_batch_samples = saved["get_batch_samples"]
         self.loss_hook.window_kl = None
-        for callback in (self._callback, self._generation, self._skip_callback, self._resume):
+        if saved["training_step"] is _MISSING:
+            trainer.__dict__.pop("training_step", None)
+        else:
+            trainer.training_step = saved["training_step"]
+        for callback in (self._callback, self._generation, self._skip_callback, self._resume, self._sync):
             if callback in trainer.callback_handler.callbacks:
                 trainer.callback_handler.callbacks.remove(callback)
         self._compat.uninstall(trainer)
@@ -296,6 +326,7 @@ class KTOPlugin:
         self._generation = None
         self._resume = None
         self._skip_callback = None
+        self._sync = None
         self._saved = {}
         self._precomputer = None
         self.trainer = None
@@ -470,14 +501,12 @@ class KTOPlugin:
                 "fp16 loss scaler already skips overflowing steps)."
             )
         check_liger(args)  # raises before anything is changed
-        unsupported = {
-            "sync_ref_model": self.config.sync_ref_model,
-            "activation_offloading": self.config.activation_offloading,
-            "router_aux_loss_coef": self.config.router_aux_loss_coef is not None,
-        }
-        for name, is_set in unsupported.items():
-            if is_set:
-                raise NotImplementedError(f"KTOConfig.{name} is not supported in this version of kto_plugin.")
+        if self.config.activation_offloading and sharding_of(trainer) in ("fsdp", "deepspeed3"):
+            raise NotImplementedError(
+                "KTOConfig.activation_offloading is not supported under FSDP or DeepSpeed ZeRO-3 in this version "
+                "(gathered parameters would be taken for activations and copied). Use DDP or ZeRO-1/2, or turn it "
+                "off (activation checkpointing, gradient_checkpointing=True, also saves activation memory)."
+            )
 
 
 class WindowBatchSamples:

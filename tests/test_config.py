@@ -38,6 +38,7 @@ def test_defaults_follow_trl():
         ({"loss_type": ""}, "loss_type must be a non-empty string"),
         ({"model_init_kwargs": "{not json"}, "model_init_kwargs must be a dict or a JSON object"),
         ({"sync_ref_model": True, "precompute_ref_log_probs": True}, "stale"),
+        ({"router_aux_loss_coef": -0.1}, "router_aux_loss_coef must be >= 0"),
     ],
 )
 def test_bad_values_are_refused_with_the_argument_named(kwargs, match):
