@@ -65,7 +65,8 @@ class KTOCollator:
 
         {"input_ids": (B, T), "attention_mask": (B, T), **model_kwargs,
          "labels": KTOLabels(label=(B,) bool, input_ids=(B, T), attention_mask=(B, T),
-                             completion_labels=(B, T) token id on completion tokens, -100 elsewhere,
+                             completion_labels=(B, T) token id on completion tokens, label_pad_token_id
+                                                 (-100) elsewhere,
                              kl_input_ids=(B, T'), kl_attention_mask=(B, T'), kl_completion_labels=(B, T'),
                              ref_logps_bits=(B,), ref_kl_logps_bits=(B,))}  # only if precomputed
 
@@ -95,8 +96,10 @@ class KTOCollator:
         truncation_mode: str = "keep_start",
         pad_to_multiple_of: int | None = None,
         build_kl: bool = True,
+        label_pad_token_id: int = IGNORE_INDEX,
     ) -> None:
         self.pad_token_id = pad_token_id
+        self.label_pad_token_id = label_pad_token_id
         self.max_length = max_length
         self.truncation_mode = truncation_mode
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -115,12 +118,12 @@ class KTOCollator:
                 prompt, completion = prompt[:1], completion[: limit - 1]
             else:
                 prompt, completion = prompt[:limit], completion[: max(0, limit - len(prompt))]
-        return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+        return prompt + completion, [self.label_pad_token_id] * len(prompt) + completion
 
     def _side(self, prompts: list, completions: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         joined = [self._join(p, c) for p, c in zip(prompts, completions)]
         ids = pad([j[0] for j in joined], self.pad_token_id, self.pad_to_multiple_of)
-        labels = pad([j[1] for j in joined], IGNORE_INDEX, self.pad_to_multiple_of)
+        labels = pad([j[1] for j in joined], self.label_pad_token_id, self.pad_to_multiple_of)
         mask = pad([[1] * len(j[0]) for j in joined], 0, self.pad_to_multiple_of)
         return ids, mask, labels
 

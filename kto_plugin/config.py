@@ -71,9 +71,30 @@ class KTOConfig:
             "choices": list(TRUNCATION_MODES),
         },
     )
+    max_completion_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Maximum completion tokens (documented KTOTrainer API): longer completions keep their first "
+            "tokens, cut at preparation and counted. None: no separate completion limit."
+        },
+    )
     pad_to_multiple_of: int | None = field(
         default=None,
         metadata={"help": "Pad every batch to a multiple of this many tokens. None: pad to the longest row."},
+    )
+    label_pad_token_id: int = field(
+        default=-100,
+        metadata={
+            "help": "Value of the batch's completion labels at non-completion positions (prompt and padding), as in "
+            "the documented KTOTrainer API. Must be negative, so it can never equal a real token id."
+        },
+    )
+    padding_value: int | None = field(
+        default=None,
+        metadata={
+            "help": "Token id that pads input_ids (documented KTOTrainer API; masked out by the attention mask). "
+            "None: the tokenizer's pad token."
+        },
     )
     dataset_num_proc: int | None = field(
         default=None,
@@ -193,7 +214,10 @@ class KTOConfig:
                 raise ValueError(f"KTOConfig.{name} must be >= 0, got {value}.")
         if self.desirable_weight == 0 and self.undesirable_weight == 0:
             raise ValueError("KTOConfig.desirable_weight and undesirable_weight are both 0: nothing would train.")
-        for name in ("max_length", "max_prompt_length", "pad_to_multiple_of", "precompute_ref_batch_size"):
+        for name in (
+            "max_length", "max_prompt_length", "max_completion_length", "pad_to_multiple_of",
+            "precompute_ref_batch_size",
+        ):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"KTOConfig.{name} must be a positive integer or None, got {value!r}.")
@@ -205,6 +229,21 @@ class KTOConfig:
                     f"KTOConfig.max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                     f"({self.max_length}), or no completion token would fit."
                 )
+        if isinstance(self.label_pad_token_id, bool) or not isinstance(self.label_pad_token_id, int) or (
+            self.label_pad_token_id >= 0
+        ):
+            raise ValueError(
+                f"KTOConfig.label_pad_token_id must be a negative integer, got {self.label_pad_token_id!r}: a value "
+                ">= 0 is a real token id, and completion tokens with that id would be dropped from the loss. The "
+                "documented default is -100."
+            )
+        if self.padding_value is not None and (
+            isinstance(self.padding_value, bool) or not isinstance(self.padding_value, int) or self.padding_value < 0
+        ):
+            raise ValueError(
+                f"KTOConfig.padding_value must be a token id (an integer >= 0) or None for the tokenizer's pad "
+                f"token, got {self.padding_value!r}."
+            )
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(
                 f"KTOConfig.truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}."

@@ -75,7 +75,8 @@ class KTOPlugin:
             tokenizer.pad_token = tokenizer.eos_token
             logger.warning("kto_plugin: the tokenizer has no pad token; using its EOS token %r to pad.", tokenizer.eos_token)
         self.collator = KTOCollator(
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=self.config.padding_value if self.config.padding_value is not None else tokenizer.pad_token_id,
+            label_pad_token_id=self.config.label_pad_token_id,
             max_length=self.config.max_length,
             truncation_mode=self.config.truncation_mode,
             pad_to_multiple_of=self.config.pad_to_multiple_of,
@@ -113,6 +114,7 @@ class KTOPlugin:
             max_length=self.config.max_length,
             max_prompt_length=self.config.max_prompt_length,
             num_proc=self.config.dataset_num_proc,
+            max_completion_length=self.config.max_completion_length,
         )
         self.data_reports[name] = report
         logger.info("kto_plugin: prepared %s", report.summary())
@@ -197,6 +199,7 @@ class KTOPlugin:
             if reference_model is not None
             else policy_path
         )
+        policy_path.ignore_index = reference_path.ignore_index = self.config.label_pad_token_id
         self.loss_hook.bind(trainer, policy_path, reference_path)
         self.collator.model_kwargs = policy_path.model_kwargs()
         if self.config.disable_dropout:
@@ -385,6 +388,17 @@ class KTOPlugin:
                 f"the batch size, or add or remove a row."
             )
 
+    def _check_padding_value(self, policy: Any) -> None:
+        value = self.config.padding_value
+        embeddings = policy.get_input_embeddings() if hasattr(policy, "get_input_embeddings") else None
+        size = getattr(embeddings, "num_embeddings", None)
+        if value is not None and size is not None and value >= size:
+            raise ValueError(
+                f"KTOConfig.padding_value={value} is not a token id of the model (its input embedding has {size} "
+                "rows): padded positions are still looked up in the embedding. Use an id below that, or None for "
+                "the tokenizer's pad token."
+            )
+
     def _validate_precompute(self, trainer: Any) -> None:
         kind = sharding_of(trainer)
         if kind in ("fsdp", "deepspeed3"):
@@ -416,6 +430,7 @@ class KTOPlugin:
 
     def _validate(self, trainer: Any) -> None:
         args = trainer.args
+        self._check_padding_value(trainer.accelerator.unwrap_model(trainer.model))
         if self.needs_kl:
             for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
                 if getattr(args, name) < 2:

@@ -1,0 +1,58 @@
+"""Models and adapters as the documented KTOTrainer API takes them: batch layout options (label_pad_token_id,
+padding_value), a reference named by path, model_adapter_name, peft_config, encoder-decoder models.
+
+Expected values come from plain-PyTorch references (tests/reference_impl.py) run on the unpadded rows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import kto_trainer
+from reference_impl import naive_completion_logps
+
+
+@pytest.fixture
+def short_rows(rows, tokenizer):
+    """Eight rows (four pairs, labels alternating) whose prompt fits in 120 tokens, for fast runs."""
+    pairs = [rows[i : i + 2] for i in range(0, len(rows), 2)]
+    short = [p for p in pairs if len(tokenizer(p[0]["prompt"])["input_ids"]) < 120]
+    return [r for p in short[:4] for r in p]
+
+
+def _naive_eval_logps(model, dataset):
+    """Mean summed completion log-prob of the chosen and of the rejected rows, one unpadded row at a time."""
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for row in dataset:
+            ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+            mask = torch.tensor([[0] * len(row["prompt_ids"]) + [1] * len(row["completion_ids"])])
+            value = naive_completion_logps(model(input_ids=ids).logits, ids, mask).item()
+            (chosen if row["label"] else rejected).append(value)
+    return sum(chosen) / len(chosen), sum(rejected) / len(rejected)
+
+
+def test_label_pad_token_id_and_padding_value_leave_the_numbers_unchanged(model, tokenizer, short_rows, tmp_path):
+    eval_rows = short_rows[:4]
+    pad_value = tokenizer.eos_token_id + 3  # a real token id, unlike the tokenizer's pad: only the mask hides it
+    kto, trainer = kto_trainer(
+        model, tokenizer, short_rows, tmp_path, eval_rows=eval_rows,
+        kto_kwargs={"label_pad_token_id": -7, "padding_value": pad_value, "max_length": 256},
+    )
+    kto.attach(trainer)
+    batch = kto.collator([trainer.eval_dataset[i] for i in range(4)])
+    labels = batch["labels"]
+    assert (labels["completion_labels"] == -7).any() and not (labels["completion_labels"] == -100).any()
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == pad_value).all()
+    assert (batch["attention_mask"] == 0).any()  # rows of different lengths, so padding is exercised
+    metrics = trainer.evaluate()
+    chosen, rejected = _naive_eval_logps(model, trainer.eval_dataset)
+    assert metrics["eval_logps/chosen"] == pytest.approx(chosen, rel=1e-4)
+    assert metrics["eval_logps/rejected"] == pytest.approx(rejected, rel=1e-4)
+
+
+def test_padding_value_outside_the_vocabulary_is_refused_at_attach(model, tokenizer, short_rows, tmp_path):
+    kto, trainer = kto_trainer(model, tokenizer, short_rows, tmp_path, kto_kwargs={"padding_value": 10_000})
+    with pytest.raises(ValueError, match="padding_value=10000 is not a token id"):
+        kto.attach(trainer)
+    assert trainer.compute_loss_func is None  # nothing changed
