@@ -158,6 +158,14 @@ class KTOConfig:
         default=None,
         metadata={"help": "Keyword arguments (dict or JSON string) for `from_pretrained` when a model is named."},
     )
+    ref_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments (dict or JSON string) for `from_pretrained` when ref_model is given as a name "
+            "or path (documented KTOTrainer API), e.g. {\"torch_dtype\": \"bfloat16\"}. None: model_init_kwargs, "
+            "with the policy's dtype unless a dtype is named."
+        },
+    )
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Allow models and tokenizers with custom code from the Hub."},
@@ -196,14 +204,18 @@ class KTOConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.model_init_kwargs, str):
-            try:
-                self.model_init_kwargs = json.loads(self.model_init_kwargs)
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"KTOConfig.model_init_kwargs must be a dict or a JSON object string, got "
-                    f"{self.model_init_kwargs!r} ({err})."
-                ) from None
+        for name in ("model_init_kwargs", "ref_model_init_kwargs"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as err:
+                    raise ValueError(
+                        f"KTOConfig.{name} must be a dict or a JSON object string, got {value!r} ({err})."
+                    ) from None
+                setattr(self, name, value)
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"KTOConfig.{name} must be a dict or a JSON object string, got {value!r}.")
         if not isinstance(self.loss_type, str) or not self.loss_type:
             raise ValueError(f"KTOConfig.loss_type must be a non-empty string, got {self.loss_type!r}.")
         if not self.beta > 0:

@@ -19,6 +19,7 @@ from .logprobs import LogpsPath, choose_path
 from .metrics import KTOMetricsCallback, MetricsAccumulator
 from .plugin_manager import KTOPluginManager
 from .adapters import AdapterHost
+from .models import is_model_name, load_pretrained
 from .precompute import ReferencePrecomputer, default_cache_dir
 from .reference import ReferenceManager, disable_dropout, preserved_state
 from .sharding import sharding_of
@@ -42,7 +43,9 @@ class KTOPlugin:
     Args:
         config: KTO settings; default `KTOConfig()`.
         tokenizer: the policy's tokenizer (its pad token pads batches; EOS ends plain-text completions).
-        ref_model: a separate reference model. None: the initial policy: a frozen copy of a plain model; for a
+        ref_model: a separate reference model, or its name or path (loaded with `from_pretrained` at `attach()`,
+            with `KTOConfig.ref_model_init_kwargs`, else `model_init_kwargs`, in the policy's dtype unless one is
+            named). None: the initial policy: a frozen copy of a plain model; for a
             PEFT model the base model with the adapter off, or a frozen copy of an already-trained adapter
             (`KTOConfig.peft_reference`); with `precompute_ref_log_probs`, no reference model at all.
         ref_adapter_name: a PEFT adapter of the policy to use as the reference (an adapter named ``"ref"``
@@ -82,7 +85,11 @@ class KTOPlugin:
             pad_to_multiple_of=self.config.pad_to_multiple_of,
             build_kl=self.needs_kl,
         )
-        self.reference = ReferenceManager(ref_model, ref_adapter_name)
+        # a reference named by path is loaded at attach(), when the policy's dtype is known
+        self.ref_model_name = ref_model if is_model_name(ref_model) else None
+        if self.ref_model_name is not None and ref_adapter_name is not None:
+            raise ValueError("Pass either ref_model or ref_adapter_name, not both: each names the reference.")
+        self.reference = ReferenceManager(None if self.ref_model_name is not None else ref_model, ref_adapter_name)
         self.metrics = MetricsAccumulator()
         self.loss_hook = KTOComputeLoss(self.config, self.plugins, self.reference, self.metrics, self.needs_kl)
         self.data_reports: dict[str, DataReport] = {}
@@ -140,6 +147,7 @@ class KTOPlugin:
         self.needs_kl = self.loss_hook.needs_kl = self.collator.build_kl = self.plugins.needs_kl(self.config)
         self._validate(trainer)
         policy = trainer.accelerator.unwrap_model(trainer.model)
+        self._load_named_reference(policy)
 
         saved = self._saved
         saved["compute_loss_func"] = trainer.compute_loss_func
@@ -182,6 +190,17 @@ class KTOPlugin:
             is_adapter = AdapterHost.of(policy) is not None
             self.adviser.give(attach_advice(self.config, trainer, self.needs_kl, is_adapter, counts))
         return trainer
+
+    def _load_named_reference(self, policy: Any) -> None:
+        if self.ref_model_name is None or self.reference.given_ref_model is not None:
+            return
+        config = self.config
+        init = config.ref_model_init_kwargs if config.ref_model_init_kwargs is not None else config.model_init_kwargs
+        self.reference.given_ref_model = load_pretrained(
+            self.ref_model_name, init, trust_remote_code=config.trust_remote_code,
+            default_dtype=getattr(policy, "dtype", None), argument="ref_model",
+        )
+        logger.info("kto_plugin: loaded the reference model from %r", str(self.ref_model_name))
 
     def _bind_model(self, trainer: Any, policy: Any) -> LogpsPath:
         """Everything tied to the policy instance: the reference, the log-prob paths, dropout."""

@@ -56,3 +56,63 @@ def test_padding_value_outside_the_vocabulary_is_refused_at_attach(model, tokeni
     with pytest.raises(ValueError, match="padding_value=10000 is not a token id"):
         kto.attach(trainer)
     assert trainer.compute_loss_func is None  # nothing changed
+
+
+# --- ref_model given by name or path ---
+
+
+@pytest.fixture
+def saved_other(tokenizer, tmp_path):
+    """A different tiny model (another seed) saved to disk: the reference, named by its path."""
+    from kto_plugin.demo import build_tiny_model
+
+    other = build_tiny_model(len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=2)
+    path = tmp_path / "ref"
+    other.save_pretrained(path)
+    return other, str(path)
+
+
+def test_ref_model_path_is_loaded_and_used_as_the_reference(model, tokenizer, short_rows, saved_other, tmp_path):
+    other, path = saved_other
+    kto, trainer = kto_trainer(
+        model, tokenizer, short_rows, tmp_path / "out", eval_rows=short_rows[:4], kto_kwargs={"max_length": 256},
+        plugin_kwargs={"ref_model": path},
+    )
+    kto.attach(trainer)
+    ref = trainer.accelerator.unwrap_model(kto.reference.ref_model)
+    assert ref is not other and ref.dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), other.state_dict().values()))
+    assert not any(p.requires_grad for p in ref.parameters())
+    metrics = trainer.evaluate()
+    policy_chosen, policy_rejected = _naive_eval_logps(model, trainer.eval_dataset)
+    ref_chosen, ref_rejected = _naive_eval_logps(other, trainer.eval_dataset)
+    beta = kto.config.beta
+    # policy and reference differ, so the rewards are not zero: the loaded model really is the reference
+    assert abs(policy_chosen - ref_chosen) > 0.3
+    assert metrics["eval_rewards/chosen"] == pytest.approx(beta * (policy_chosen - ref_chosen), rel=1e-3)
+    assert metrics["eval_rewards/rejected"] == pytest.approx(beta * (policy_rejected - ref_rejected), rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kto_kwargs,expected",
+    [
+        ({}, torch.float32),  # the policy's dtype, as TRL 1.16 builds its reference
+        ({"ref_model_init_kwargs": {"torch_dtype": "bfloat16"}}, torch.bfloat16),  # documented spelling
+        ({"ref_model_init_kwargs": '{"dtype": "float16"}'}, torch.float16),  # JSON string, as from the CLI
+        ({"model_init_kwargs": {"dtype": "float16"}}, torch.float16),  # no ref kwargs: model_init_kwargs
+    ],
+)
+def test_ref_model_init_kwargs(kto_kwargs, expected, model, tokenizer, short_rows, saved_other, tmp_path):
+    other, path = saved_other
+    kto, trainer = kto_trainer(model, tokenizer, short_rows, tmp_path / "out",
+                               kto_kwargs={"max_length": 256, **kto_kwargs}, plugin_kwargs={"ref_model": path})
+    kto.attach(trainer)
+    assert trainer.accelerator.unwrap_model(kto.reference.ref_model).dtype == expected
+
+
+def test_ref_model_path_that_does_not_exist_is_refused_before_any_change(model, tokenizer, short_rows, tmp_path):
+    kto, trainer = kto_trainer(model, tokenizer, short_rows, tmp_path,
+                               plugin_kwargs={"ref_model": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match="ref_model=.*missing.* could not be loaded"):
+        kto.attach(trainer)
+    assert trainer.compute_loss_func is None and kto.trainer is None
