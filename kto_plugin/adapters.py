@@ -194,7 +194,18 @@ class AdapterHost:
                 layer.set_adapter(active)
                 layer.enable_adapters(not disabled)
 
-    # --- a frozen copy of an adapter, and its removal ---
+    def activate(self, name: str) -> None:
+        """Make adapter `name` the active, trainable one (peft's `set_adapter`: the other adapters' weights stop
+        requiring grad). Callers snapshot the previous state to undo it (`active`, `requires_grad` flags)."""
+        if name not in self.names:
+            raise ValueError(f"{name!r} is not an adapter of the model; it has {self.names}.")
+        if self.kind == "peft":
+            self.model.set_adapter(name)
+            return
+        for layer in self.layers():
+            layer.set_adapter(name)
+
+        # --- a frozen copy of an adapter, and its removal ---
 
     def copy_adapter(self, source: str, target: str) -> None:
         """Add adapter `target` as a frozen, bit-identical copy of adapter `source`.

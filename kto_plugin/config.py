@@ -136,6 +136,20 @@ class KTOConfig:
             "choices": list(PEFT_REFERENCES),
         },
     )
+    model_adapter_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "With several PEFT adapters loaded: the one to train (documented KTOTrainer API). It is made the "
+            "active, trainable adapter at attach() and is active for every policy forward. None: the active one."
+        },
+    )
+    ref_adapter_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A PEFT adapter of the policy that is the reference, active only for reference passes (same as "
+            "KTOPlugin(ref_adapter_name=...)). None: an adapter named 'ref', else see peft_reference."
+        },
+    )
     sync_ref_model: bool = field(
         default=False,
         metadata={"help": "TR-DPO style: mix the policy into the reference every ref_model_sync_steps steps."},
@@ -255,6 +269,15 @@ class KTOConfig:
             raise ValueError(
                 f"KTOConfig.padding_value must be a token id (an integer >= 0) or None for the tokenizer's pad "
                 f"token, got {self.padding_value!r}."
+            )
+        for name in ("model_adapter_name", "ref_adapter_name"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"KTOConfig.{name} must be an adapter name (a non-empty string) or None, got {value!r}.")
+        if self.model_adapter_name is not None and self.model_adapter_name == self.ref_adapter_name:
+            raise ValueError(
+                f"KTOConfig.model_adapter_name and ref_adapter_name are both {self.model_adapter_name!r}: the trained "
+                "adapter cannot also be the fixed reference. Name two different adapters."
             )
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(

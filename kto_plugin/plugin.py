@@ -29,6 +29,15 @@ logger = logging.getLogger("kto_plugin")
 _MISSING = object()
 
 
+def _one_of(name: str, argument: Any, configured: Any) -> Any:
+    """The value given to KTOPlugin or in KTOConfig (the documented API has it there); refuses two different ones."""
+    if argument is not None and configured is not None and argument != configured:
+        raise ValueError(
+            f"{name} is {argument!r} in KTOPlugin(...) but {configured!r} in KTOConfig: give it in one place."
+        )
+    return argument if argument is not None else configured
+
+
 class KTOPlugin:
     """KTO for an existing Trainer.
 
@@ -50,6 +59,8 @@ class KTOPlugin:
             (`KTOConfig.peft_reference`); with `precompute_ref_log_probs`, no reference model at all.
         ref_adapter_name: a PEFT adapter of the policy to use as the reference (an adapter named ``"ref"``
             is used by convention when present).
+        model_adapter_name: with several PEFT adapters loaded, the one to train: made active (and trainable) at
+            `attach()`, active for every policy forward, restored by `detach()`. Also settable in `KTOConfig`.
         plugins: extra pluggy plugins (objects or modules with `@kto_plugin.hookimpl` hooks), called in list
             order before installed (entry-point) plugins and the built-ins. See `kto_plugin.hookspecs`.
     """
@@ -61,6 +72,7 @@ class KTOPlugin:
         ref_model: Any = None,
         ref_adapter_name: str | None = None,
         plugins: Iterable[Any] = (),
+        model_adapter_name: str | None = None,
     ) -> None:
         if tokenizer is None:
             raise ValueError("KTOPlugin needs the policy's tokenizer: KTOPlugin(config, tokenizer=tokenizer).")
@@ -68,6 +80,14 @@ class KTOPlugin:
         if not isinstance(self.config, KTOConfig):
             raise TypeError(f"config must be a KTOConfig, got {type(self.config).__name__}.")
         self.tokenizer = tokenizer
+        ref_adapter_name = _one_of("ref_adapter_name", ref_adapter_name, self.config.ref_adapter_name)
+        self.model_adapter_name = _one_of("model_adapter_name", model_adapter_name, self.config.model_adapter_name)
+        if self.model_adapter_name is not None and self.model_adapter_name == ref_adapter_name:
+            raise ValueError(
+                f"model_adapter_name and ref_adapter_name are both {ref_adapter_name!r}: the trained adapter cannot "
+                "also be the fixed reference. Name two different adapters."
+            )
+        self._restore_adapter: Any = None
         self.plugins = KTOPluginManager(plugins)
         self.needs_kl = self.plugins.needs_kl(self.config)
         if tokenizer.pad_token_id is None:
@@ -203,14 +223,21 @@ class KTOPlugin:
         logger.info("kto_plugin: loaded the reference model from %r", str(self.ref_model_name))
 
     def _bind_model(self, trainer: Any, policy: Any) -> LogpsPath:
-        """Everything tied to the policy instance: the reference, the log-prob paths, dropout."""
-        self.reference.setup(
-            trainer,
-            policy,
-            disable_ref_dropout=self.config.disable_dropout,
-            peft_reference=self.config.peft_reference,
-            precompute=self.config.precompute_ref_log_probs,
-        )
+        """Everything tied to the policy instance: the trained adapter, the reference, the log-prob paths, dropout."""
+        self._activate_model_adapter(policy)
+        try:
+            self.reference.setup(
+                trainer,
+                policy,
+                disable_ref_dropout=self.config.disable_dropout,
+                peft_reference=self.config.peft_reference,
+                precompute=self.config.precompute_ref_log_probs,
+            )
+        except BaseException:
+            if self._restore_adapter is not None:
+                self._restore_adapter()
+                self._restore_adapter = None
+            raise
         policy_path = choose_path(policy, sharded=self._sharded(trainer))
         reference_model = self.reference.ref_model
         reference_path = (
@@ -230,6 +257,40 @@ class KTOPlugin:
             module.p = p
         self._restore_dropout = []
         self.reference.teardown()
+        if self._restore_adapter is not None:
+            self._restore_adapter()
+            self._restore_adapter = None
+
+    def _activate_model_adapter(self, policy: Any) -> None:
+        """Make `model_adapter_name` the active, trainable adapter; `_unbind_model` restores the previous one."""
+        name = self.model_adapter_name
+        if name is None:
+            return
+        host = AdapterHost.of(policy)
+        if host is None:
+            raise ValueError(
+                f"model_adapter_name={name!r} needs a model with PEFT adapters, but the trainer's model is a "
+                f"{type(policy).__name__} without adapters. Wrap it (peft.get_peft_model or peft_config=) first."
+            )
+        if name not in host.names:
+            raise ValueError(
+                f"model_adapter_name={name!r} is not an adapter of the model; it has {host.names}. Load it first, "
+                f"e.g. model.load_adapter(path, adapter_name={name!r}, is_trainable=True), or pass one of those names."
+            )
+        previous = host.active
+        grads = [(p, p.requires_grad) for p in policy.parameters()]
+        host.activate(name)
+
+        def restore() -> None:
+            if len(previous) == 1:
+                host.activate(previous[0])
+            else:  # several active adapters (only a tuner-level set_adapter makes that): restore each layer
+                for layer in host.layers():
+                    layer.set_adapter(previous)
+            for p, flag in grads:
+                p.requires_grad_(flag)
+
+        self._restore_adapter = restore
 
     def rebind(self, trainer: Any, policy: Any) -> None:
         """Re-bind to a new policy instance (`Trainer.train()` re-creates the model when `model_init` is set).

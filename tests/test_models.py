@@ -116,3 +116,100 @@ def test_ref_model_path_that_does_not_exist_is_refused_before_any_change(model, 
     with pytest.raises(ValueError, match="ref_model=.*missing.* could not be loaded"):
         kto.attach(trainer)
     assert trainer.compute_loss_func is None and kto.trainer is None
+
+
+# --- model_adapter_name with ref_adapter_name ---
+
+
+@pytest.fixture
+def three_adapters(base_model):
+    """A PeftModel with three non-zero LoRA adapters: "default" (active at construction), "sft_ref", "new"."""
+    from reference_cases import lora_config, peft_policy
+
+    model = peft_policy(base_model, trained=True, seed=5)
+    for seed, name in ((6, "sft_ref"), (7, "new")):
+        torch.manual_seed(seed)
+        model.add_adapter(name, lora_config(init=False))
+    assert model.active_adapter == "default"
+    return model
+
+
+def _adapter_state(model, name):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if f".{name}." in n}
+
+
+def _with_adapter(model, name):
+    import copy
+
+    twin = copy.deepcopy(model)
+    twin.set_adapter(name)
+    return twin
+
+
+def test_model_adapter_name_trains_that_adapter_against_the_named_reference(
+    three_adapters, tokenizer, short_rows, tmp_path
+):
+    model = three_adapters
+    grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = {name: _adapter_state(model, name) for name in ("default", "sft_ref", "new")}
+    kto, trainer = kto_trainer(
+        model, tokenizer, short_rows, tmp_path, eval_rows=short_rows[:4],
+        kto_kwargs={"max_length": 256, "model_adapter_name": "new", "ref_adapter_name": "sft_ref"},
+        ddp_find_unused_parameters=False,
+    )
+    kto.attach(trainer)
+    assert model.active_adapter == "new"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(before["new"])
+    assert kto.reference.mode == "named_adapter" and kto.reference.ref_adapter_name == "sft_ref"
+
+    metrics = trainer.evaluate()
+    policy_chosen, policy_rejected = _naive_eval_logps(_with_adapter(model, "new"), trainer.eval_dataset)
+    ref_chosen, ref_rejected = _naive_eval_logps(_with_adapter(model, "sft_ref"), trainer.eval_dataset)
+    other_chosen, _ = _naive_eval_logps(_with_adapter(model, "default"), trainer.eval_dataset)
+    beta = kto.config.beta
+    assert abs(policy_chosen - ref_chosen) > 0.1 and abs(other_chosen - policy_chosen) > 0.1
+    assert metrics["eval_logps/chosen"] == pytest.approx(policy_chosen, rel=1e-4)
+    assert metrics["eval_rewards/chosen"] == pytest.approx(beta * (policy_chosen - ref_chosen), rel=1e-3)
+    assert metrics["eval_rewards/rejected"] == pytest.approx(beta * (policy_rejected - ref_rejected), rel=1e-3)
+
+    trainer.train()
+    after = {name: _adapter_state(model, name) for name in ("default", "sft_ref", "new")}
+    assert any(not torch.equal(before["new"][n], after["new"][n]) for n in before["new"])
+    for name in ("default", "sft_ref"):
+        assert all(torch.equal(before[name][n], after[name][n]) for n in before[name]), name
+    assert model.active_adapter == "new"  # switched back after every reference pass
+
+    kto.detach()
+    assert model.active_adapter == "default"
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads_before
+
+
+@pytest.mark.parametrize(
+    "plugin_kwargs,match",
+    [
+        ({"model_adapter_name": "missing"}, "model_adapter_name='missing' is not an adapter of the model"),
+        ({"model_adapter_name": "new", "ref_adapter_name": "new"}, "both 'new'"),
+        ({"model_adapter_name": "sft_ref", "ref_adapter_name": "new"}, None),  # fine: only checks it attaches
+    ],
+)
+def test_model_adapter_name_refusals(plugin_kwargs, match, three_adapters, tokenizer, short_rows, tmp_path):
+    def build():
+        return kto_trainer(three_adapters, tokenizer, short_rows, tmp_path, plugin_kwargs=plugin_kwargs)
+
+    if match is None:
+        kto, trainer = build()
+        kto.attach(trainer)
+        assert three_adapters.active_adapter == "sft_ref"
+        return
+    with pytest.raises(ValueError, match=match):
+        kto, trainer = build()
+        kto.attach(trainer)
+    assert three_adapters.active_adapter == "default"
+
+
+def test_model_adapter_name_needs_adapters(model, tokenizer, short_rows, tmp_path):
+    kto, trainer = kto_trainer(model, tokenizer, short_rows, tmp_path, kto_kwargs={"model_adapter_name": "default"})
+    with pytest.raises(ValueError, match="model_adapter_name='default' needs a model with PEFT adapters"):
+        kto.attach(trainer)
+    assert trainer.compute_loss_func is None
