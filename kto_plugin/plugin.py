@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,7 +20,7 @@ from .logprobs import LogpsPath, choose_path
 from .metrics import KTOMetricsCallback, MetricsAccumulator
 from .plugin_manager import KTOPluginManager
 from .adapters import AdapterHost
-from .models import is_model_name, load_pretrained
+from .models import is_model_name, load_pretrained, wrap_with_peft
 from .precompute import ReferencePrecomputer, default_cache_dir
 from .reference import ReferenceManager, disable_dropout, preserved_state
 from .sharding import sharding_of
@@ -59,6 +60,9 @@ class KTOPlugin:
             (`KTOConfig.peft_reference`); with `precompute_ref_log_probs`, no reference model at all.
         ref_adapter_name: a PEFT adapter of the policy to use as the reference (an adapter named ``"ref"``
             is used by convention when present).
+        peft_config: a `peft.PeftConfig` (e.g. `LoraConfig`): the plugin wraps the model with `get_peft_model`,
+            either in `wrap_model(model)` before the Trainer is built (needed for quantized models and for
+            `model_init`) or at `attach()`, and the reference is the base model with the adapter off (as TRL).
         model_adapter_name: with several PEFT adapters loaded, the one to train: made active (and trainable) at
             `attach()`, active for every policy forward, restored by `detach()`. Also settable in `KTOConfig`.
         plugins: extra pluggy plugins (objects or modules with `@kto_plugin.hookimpl` hooks), called in list
@@ -73,6 +77,7 @@ class KTOPlugin:
         ref_adapter_name: str | None = None,
         plugins: Iterable[Any] = (),
         model_adapter_name: str | None = None,
+        peft_config: Any = None,
     ) -> None:
         if tokenizer is None:
             raise ValueError("KTOPlugin needs the policy's tokenizer: KTOPlugin(config, tokenizer=tokenizer).")
@@ -88,6 +93,15 @@ class KTOPlugin:
                 "also be the fixed reference. Name two different adapters."
             )
         self._restore_adapter: Any = None
+        self.peft_config = peft_config
+        if peft_config is not None:
+            from peft import PeftConfig
+
+            if not isinstance(peft_config, PeftConfig):
+                raise TypeError(
+                    f"peft_config must be a peft.PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}."
+                )
+        self._wrapped: weakref.WeakSet = weakref.WeakSet()  # models this plugin wrapped with peft_config
         self.plugins = KTOPluginManager(plugins)
         self.needs_kl = self.plugins.needs_kl(self.config)
         if tokenizer.pad_token_id is None:
@@ -147,6 +161,55 @@ class KTOPlugin:
         logger.info("kto_plugin: prepared %s", report.summary())
         return prepared
 
+    # --- models ---
+
+    def wrap_model(self, model: Any) -> Any:
+        """The model to give the Trainer: `model` (an instance, or a name/path loaded with `from_pretrained` and
+        `KTOConfig.model_init_kwargs`) wrapped with `peft_config` when one was given.
+
+        Example::
+
+            kto = KTOPlugin(KTOConfig(), tokenizer=tokenizer, peft_config=LoraConfig(r=16, task_type="CAUSAL_LM"))
+            trainer = Trainer(model=kto.wrap_model("path/to/model"), ...)
+        """
+        if is_model_name(model):
+            model = load_pretrained(
+                model, self.config.model_init_kwargs, trust_remote_code=self.config.trust_remote_code
+            )
+        if self.peft_config is None:
+            return model
+        if model in self._wrapped:
+            return model
+        wrapped = wrap_with_peft(model, self.peft_config)
+        self._wrapped.add(wrapped)
+        return wrapped
+
+    def _wrap_attached_model(self, trainer: Any) -> None:
+        """With `peft_config`, wrap the Trainer's model now unless `wrap_model` already did; refuse where the
+        Trainer has already captured the unwrapped model's parameters."""
+        if self.peft_config is None:
+            return
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if model in self._wrapped:
+            return
+        fix = "Wrap the model before building the Trainer: Trainer(model=kto.wrap_model(model), ...)"
+        if getattr(trainer, "model_init", None) is not None:
+            raise ValueError(
+                "peft_config with a Trainer built from model_init: train() builds a new model, which attach() "
+                "cannot wrap. Wrap inside model_init: model_init=lambda: kto.wrap_model(build_model())."
+            )
+        if trainer.optimizer is not None:
+            raise ValueError(
+                "peft_config, but the Trainer already has an optimizer (optimizers=...), built over the "
+                f"unwrapped model's parameters, so the adapter would never be trained. {fix}."
+            )
+        if trainer.model is not trainer.model_wrapped:
+            raise ValueError(f"peft_config, but the Trainer's model is already wrapped for distribution. {fix}.")
+        wrapped = wrap_with_peft(model, self.peft_config)
+        self._wrapped.add(wrapped)
+        trainer.model = trainer.model_wrapped = wrapped
+        logger.info("kto_plugin: wrapped the Trainer's model with peft_config (%s)", type(self.peft_config).__name__)
+
     # --- attach / detach ---
 
     def attach(self, trainer: Any) -> Any:
@@ -166,6 +229,7 @@ class KTOPlugin:
         self.plugins.check()
         self.needs_kl = self.loss_hook.needs_kl = self.collator.build_kl = self.plugins.needs_kl(self.config)
         self._validate(trainer)
+        self._wrap_attached_model(trainer)
         policy = trainer.accelerator.unwrap_model(trainer.model)
         self._load_named_reference(policy)
 
@@ -230,7 +294,7 @@ class KTOPlugin:
                 trainer,
                 policy,
                 disable_ref_dropout=self.config.disable_dropout,
-                peft_reference=self.config.peft_reference,
+                peft_reference=self._peft_reference(policy),
                 precompute=self.config.precompute_ref_log_probs,
             )
         except BaseException:
@@ -260,6 +324,12 @@ class KTOPlugin:
         if self._restore_adapter is not None:
             self._restore_adapter()
             self._restore_adapter = None
+
+    def _peft_reference(self, policy: Any) -> str:
+        # an adapter this plugin added from peft_config has the base model as reference (TRL's null reference)
+        if policy in self._wrapped and self.config.peft_reference == "auto":
+            return "base"
+        return self.config.peft_reference
 
     def _activate_model_adapter(self, policy: Any) -> None:
         """Make `model_adapter_name` the active, trainable adapter; `_unbind_model` restores the previous one."""

@@ -6,10 +6,15 @@ Expected values come from plain-PyTorch references (tests/reference_impl.py) run
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from helpers import kto_trainer
+from helpers import args, kto_trainer
 from reference_impl import naive_completion_logps
+from transformers import Trainer
+
+from kto_plugin import KTOConfig, KTOPlugin
 
 
 @pytest.fixture
@@ -139,8 +144,6 @@ def _adapter_state(model, name):
 
 
 def _with_adapter(model, name):
-    import copy
-
     twin = copy.deepcopy(model)
     twin.set_adapter(name)
     return twin
@@ -213,3 +216,84 @@ def test_model_adapter_name_needs_adapters(model, tokenizer, short_rows, tmp_pat
     with pytest.raises(ValueError, match="model_adapter_name='default' needs a model with PEFT adapters"):
         kto.attach(trainer)
     assert trainer.compute_loss_func is None
+
+
+# --- peft_config: the plugin wraps the model ---
+
+
+def _lora(**kw):
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, **kw)
+
+
+@pytest.mark.slow
+def test_peft_config_wrapped_at_attach_matches_trl(base_model, tokenizer, rows, tmp_path):
+    from reference_cases import lora_config, parity_args, parity_problems, run_ours, run_trl, train_and_evaluate
+
+    kto_kwargs = dict(beta=0.1, max_length=128)
+    a = parity_args(str(tmp_path), lora=True, max_steps=3)
+    eval_rows = rows[-8:]
+    trl = run_trl(copy.deepcopy(base_model), rows, tokenizer, kto_kwargs, a, eval_rows, peft_config=lora_config())
+    policy = copy.deepcopy(base_model)
+    ours, kto = run_ours(policy, rows, tokenizer, kto_kwargs, a, eval_rows, peft_config=lora_config())
+    assert ours.model is ours.model_wrapped and ours.model.get_base_model() is policy
+    assert ours.model.peft_config["default"].r == lora_config().r
+    assert kto.reference.mode == "null_adapter"
+    ours.model.load_state_dict(trl.model.state_dict())  # the same random lora_A on both sides
+    train_and_evaluate(trl, ours)
+    assert parity_problems(trl.state.log_history, ours.state.log_history) == []
+    assert max(abs(e.get("rewards/chosen", 0.0)) for e in ours.state.log_history) > 0.01
+    kto.detach()
+    assert ours.model.get_base_model() is policy  # the trained adapter stays: it is the result
+
+
+def test_wrap_model_before_the_trainer(model, tokenizer, short_rows, tmp_path):
+    from peft import PeftModel
+
+    kto = KTOPlugin(KTOConfig(max_length=256), tokenizer=tokenizer, peft_config=_lora(init_lora_weights=False))
+    wrapped = kto.wrap_model(model)
+    assert isinstance(wrapped, PeftModel) and kto.wrap_model(wrapped) is wrapped  # idempotent
+    trainer = Trainer(model=wrapped, args=args(tmp_path), train_dataset=kto.prepare_dataset(short_rows),
+                      eval_dataset=kto.prepare_dataset(short_rows[:4], name="eval"), data_collator=kto.collator)
+    kto.attach(trainer)
+    assert trainer.model is wrapped
+    # a non-zero initial adapter still gets the base model as reference: TRL's null reference for peft_config
+    assert kto.reference.mode == "null_adapter"
+    metrics = trainer.evaluate()
+    policy_chosen, _ = _naive_eval_logps(wrapped, trainer.eval_dataset)
+    with wrapped.disable_adapter():
+        base_chosen, _ = _naive_eval_logps(wrapped, trainer.eval_dataset)
+    assert abs(policy_chosen - base_chosen) > 0.1
+    assert metrics["eval_rewards/chosen"] == pytest.approx(0.1 * (policy_chosen - base_chosen), rel=1e-3)
+
+
+def test_wrap_model_loads_a_name_with_model_init_kwargs(base_model, tokenizer, tmp_path):
+    base_model.save_pretrained(tmp_path / "base")
+    kto = KTOPlugin(KTOConfig(model_init_kwargs={"torch_dtype": "bfloat16"}), tokenizer=tokenizer,
+                    peft_config=_lora())
+    wrapped = kto.wrap_model(str(tmp_path / "base"))
+    assert wrapped.get_base_model().dtype == torch.bfloat16 and "default" in wrapped.peft_config
+    plain = KTOPlugin(KTOConfig(), tokenizer=tokenizer).wrap_model(str(tmp_path / "base"))
+    assert type(plain).__name__ == type(base_model).__name__  # no peft_config: loaded, not wrapped
+
+
+def test_peft_config_refusals(model, tokenizer, short_rows, tmp_path):
+    from reference_cases import peft_policy
+
+    with pytest.raises(TypeError, match="peft_config must be a peft.PeftConfig"):
+        KTOPlugin(KTOConfig(), tokenizer=tokenizer, peft_config={"r": 4})
+    kto = KTOPlugin(KTOConfig(max_length=256), tokenizer=tokenizer, peft_config=_lora())
+    data = kto.prepare_dataset(short_rows)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = Trainer(model=model, args=args(tmp_path), train_dataset=data, data_collator=kto.collator,
+                      optimizers=(optimizer, None))
+    with pytest.raises(ValueError, match="already has an optimizer"):
+        kto.attach(trainer)
+    assert trainer.model is model
+    trainer = Trainer(model_init=lambda: copy.deepcopy(model), args=args(tmp_path), train_dataset=data,
+                      data_collator=kto.collator)
+    with pytest.raises(ValueError, match="model_init=lambda: kto.wrap_model"):
+        kto.attach(trainer)
+    with pytest.raises(ValueError, match="already has PEFT adapters"):
+        kto.wrap_model(peft_policy(model, trained=False))
