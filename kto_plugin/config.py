@@ -136,6 +136,15 @@ class KTOConfig:
             "choices": list(PEFT_REFERENCES),
         },
     )
+    is_encoder_decoder: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Whether the model is an encoder-decoder (T5, BART): the prompt goes to the encoder, the "
+            "completion is the decoder's labels (documented KTOTrainer API). None: read from "
+            "model.config.is_encoder_decoder at attach(). True also makes prepare_dataset tokenize plain-text "
+            "prompts and completions separately (each with the tokenizer's special tokens, e.g. T5's EOS)."
+        },
+    )
     model_adapter_name: str | None = field(
         default=None,
         metadata={

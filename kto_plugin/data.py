@@ -141,7 +141,8 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def _tokenize_batch(
-    batch: Mapping[str, list], tokenizer: Any, max_prompt_length: int | None, max_completion_length: int | None = None
+    batch: Mapping[str, list], tokenizer: Any, max_prompt_length: int | None, max_completion_length: int | None = None,
+    separate: bool = False,
 ) -> dict[str, list]:
     prompts, completions = batch["prompt"], batch["completion"]
     if is_conversational(prompts[0]):
@@ -163,7 +164,15 @@ def _tokenize_batch(
         full_texts = [p + c for p, c in zip(prompts, completions)]
         special = True
     prompt_ids = tokenizer(prompt_texts, add_special_tokens=special)["input_ids"]
-    full_ids = tokenizer(full_texts, add_special_tokens=special)["input_ids"]
+    if separate and special:
+        # encoder-decoder: prompt and completion are separate sequences, each with the tokenizer's special tokens
+        # (a T5 tokenizer appends EOS to both); the completion keeps exactly one EOS at its end
+        eos_id = tokenizer.eos_token_id
+        completion_ids = tokenizer([c.removesuffix(tokenizer.eos_token) for c in completions])["input_ids"]
+        completion_ids = [c if c and c[-1] == eos_id else c + [eos_id] for c in completion_ids]
+        full_ids = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    else:
+        full_ids = tokenizer(full_texts, add_special_tokens=special)["input_ids"]
     out_prompt, out_completion, mismatch, cut = [], [], [], []
     for p_ids, f_ids in zip(prompt_ids, full_ids):
         n = _common_prefix(p_ids, f_ids)
@@ -198,6 +207,7 @@ def prepare_split(
     max_prompt_length: int | None,
     num_proc: int | None,
     max_completion_length: int | None = None,
+    separate: bool = False,
 ) -> tuple[datasets.Dataset, DataReport]:
     """Validate and tokenize one split; returns the prepared split and its report."""
     report = DataReport(name=name, rows_in=len(dataset))
@@ -229,6 +239,7 @@ def prepare_split(
             "tokenizer": tokenizer,
             "max_prompt_length": max_prompt_length,
             "max_completion_length": max_completion_length,
+            "separate": separate,
         },
         remove_columns=[c for c in dataset.column_names if c not in keep],
         desc=f"Tokenizing {name} dataset",

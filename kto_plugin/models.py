@@ -20,6 +20,25 @@ def is_model_name(value: Any) -> bool:
     return isinstance(value, (str, os.PathLike))
 
 
+def _config_of(model: Any) -> Any:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "config", None)
+
+
+def is_encoder_decoder(model: Any) -> bool:
+    """`model.config.is_encoder_decoder` of a model or of the base model of a PEFT wrapper."""
+    return bool(getattr(_config_of(model), "is_encoder_decoder", False))
+
+
+def decoder_start_token_id(model: Any) -> int | None:
+    """The token an encoder-decoder model's decoder starts from (T5: the pad id; BART: the EOS id)."""
+    config = _config_of(model)
+    value = getattr(config, "decoder_start_token_id", None)
+    if value is None and hasattr(model, "generation_config"):
+        value = getattr(model.generation_config, "decoder_start_token_id", None)
+    return value
+
+
 def normalized_init_kwargs(init_kwargs: dict[str, Any] | None, default_dtype: Any = None) -> dict[str, Any]:
     """`from_pretrained` keyword arguments: ``torch_dtype`` renamed ``dtype``, dtype names made torch dtypes.
 

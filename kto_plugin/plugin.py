@@ -20,7 +20,7 @@ from .logprobs import LogpsPath, choose_path
 from .metrics import KTOMetricsCallback, MetricsAccumulator
 from .plugin_manager import KTOPluginManager
 from .adapters import AdapterHost
-from .models import is_model_name, load_pretrained, wrap_with_peft
+from .models import decoder_start_token_id, is_encoder_decoder, is_model_name, load_pretrained, wrap_with_peft
 from .precompute import ReferencePrecomputer, default_cache_dir
 from .reference import ReferenceManager, disable_dropout, preserved_state
 from .sharding import sharding_of
@@ -156,6 +156,7 @@ class KTOPlugin:
             max_prompt_length=self.config.max_prompt_length,
             num_proc=self.config.dataset_num_proc,
             max_completion_length=self.config.max_completion_length,
+            separate=bool(self.config.is_encoder_decoder),
         )
         self.data_reports[name] = report
         logger.info("kto_plugin: prepared %s", report.summary())
@@ -240,6 +241,7 @@ class KTOPlugin:
         saved["label_names"] = trainer.label_names
         saved["data_collator"] = trainer.data_collator
         saved["collator_model_kwargs"] = self.collator.model_kwargs
+        saved["collator_encoder_decoder"] = (self.collator.encoder_decoder, self.collator.decoder_start_token_id)
         saved["train_dataset"] = trainer.train_dataset
         saved["eval_dataset"] = trainer.eval_dataset
 
@@ -288,6 +290,7 @@ class KTOPlugin:
 
     def _bind_model(self, trainer: Any, policy: Any) -> LogpsPath:
         """Everything tied to the policy instance: the trained adapter, the reference, the log-prob paths, dropout."""
+        self._set_architecture(policy)
         self._activate_model_adapter(policy)
         try:
             self.reference.setup(
@@ -324,6 +327,25 @@ class KTOPlugin:
         if self._restore_adapter is not None:
             self._restore_adapter()
             self._restore_adapter = None
+
+    def _set_architecture(self, policy: Any) -> None:
+        """Encoder-decoder or decoder-only, from the model's config; the collator builds batches to match."""
+        encoder_decoder = is_encoder_decoder(policy)
+        declared = self.config.is_encoder_decoder
+        if declared is not None and declared != encoder_decoder:
+            raise ValueError(
+                f"KTOConfig.is_encoder_decoder={declared}, but the model ({type(policy).__name__}) has "
+                f"config.is_encoder_decoder={encoder_decoder}. Leave it None (read from the model) or fix it."
+            )
+        reference = self.reference.given_ref_model
+        if reference is not None and is_encoder_decoder(reference) != encoder_decoder:
+            raise ValueError(
+                f"The policy is {'an encoder-decoder' if encoder_decoder else 'a decoder-only'} model but ref_model "
+                f"({type(reference).__name__}) is not: their log-probs are not comparable. Use a reference of the "
+                "same architecture."
+            )
+        self.collator.encoder_decoder = encoder_decoder
+        self.collator.decoder_start_token_id = decoder_start_token_id(policy) if encoder_decoder else None
 
     def _peft_reference(self, policy: Any) -> str:
         # an adapter this plugin added from peft_config has the base model as reference (TRL's null reference)
@@ -415,6 +437,7 @@ class KTOPlugin:
         trainer.label_names = saved["label_names"]
         trainer.data_collator = saved["data_collator"]
         self.collator.model_kwargs = saved["collator_model_kwargs"]
+        self.collator.encoder_decoder, self.collator.decoder_start_token_id = saved["collator_encoder_decoder"]
         trainer.train_dataset = saved["train_dataset"]
         trainer.eval_dataset = saved["eval_dataset"]
         for callback in (self._callback, self._generation):
