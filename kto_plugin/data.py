@@ -96,8 +96,23 @@ def _as_dataset(data: Any, name: str = "train") -> Any:
     )
 
 
+IMAGE_COLUMNS = ("images", "image")
+VLM_ALTERNATIVE = (
+    "kto_plugin trains text-only language models (decoder-only or encoder-decoder). For KTO on a vision-language "
+    "model, use TRL 1.16's KTOTrainer, which takes rows with 'images' and a processor and builds the KL batch with "
+    "its vision collator."
+)
+
+
 def validate_columns(column_names: Sequence[str], name: str) -> None:
-    """Raise a clear error for a missing `prompt`/`completion`/`label` column, with the closest name present."""
+    """Raise a clear error for a missing `prompt`/`completion`/`label` column, with the closest name present, and
+    for image columns (vision-language rows are not supported)."""
+    images = [c for c in IMAGE_COLUMNS if c in column_names]
+    if images:
+        raise NotImplementedError(
+            f"{name} dataset has an image column {images[0]!r}: vision-language rows are not supported. "
+            f"{VLM_ALTERNATIVE} To train on the text alone, drop it first: dataset.remove_columns({images[0]!r})."
+        )
     for column in REQUIRED_COLUMNS:
         if column not in column_names:
             raise ValueError(

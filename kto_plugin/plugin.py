@@ -13,14 +13,21 @@ from .collator import KTOCollator
 from .compat import TrainerCompat, check_liger
 from .compute_loss import KTOComputeLoss
 from .config import KTOConfig
-from .data import DataReport, _as_dataset, prepare_split
+from .data import VLM_ALTERNATIVE, DataReport, _as_dataset, prepare_split
 from .generation import KTOGenerationCallback
 from .guidance import Adviser, attach_advice, label_counts
 from .logprobs import LogpsPath, choose_path
 from .metrics import KTOMetricsCallback, MetricsAccumulator
 from .plugin_manager import KTOPluginManager
 from .adapters import AdapterHost
-from .models import decoder_start_token_id, is_encoder_decoder, is_model_name, load_pretrained, wrap_with_peft
+from .models import (
+    decoder_start_token_id,
+    is_encoder_decoder,
+    is_model_name,
+    is_vision_language,
+    load_pretrained,
+    wrap_with_peft,
+)
 from .precompute import ReferencePrecomputer, default_cache_dir
 from .reference import ReferenceManager, disable_dropout, preserved_state
 from .sharding import sharding_of
@@ -603,7 +610,13 @@ class KTOPlugin:
 
     def _validate(self, trainer: Any) -> None:
         args = trainer.args
-        self._check_padding_value(trainer.accelerator.unwrap_model(trainer.model))
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        if is_vision_language(policy):
+            raise NotImplementedError(
+                f"The trainer's model ({type(policy).__name__}) is a vision-language model (its config has a "
+                f"vision_config), which is not supported. {VLM_ALTERNATIVE}"
+            )
+        self._check_padding_value(policy)
         if self.needs_kl:
             for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
                 if getattr(args, name) < 2:
