@@ -164,3 +164,36 @@ def test_separate_tokenization_for_encoder_decoder(tokenizer, short_rows):
     for row, raw in zip(prepared, short_rows[:2]):
         assert row["prompt_ids"] == tokenizer(raw["prompt"])["input_ids"]
         assert row["completion_ids"] == tokenizer(raw["completion"])["input_ids"] + [tokenizer.eos_token_id]
+
+
+def test_precomputed_reference_and_lora_adapter(tokenizer, short_rows, tmp_path):
+    """Precomputed reference log-probs give the live reference's numbers; a LoRA on T5 trains against the base."""
+    from peft import LoraConfig
+
+    kwargs = {"max_length": 512, "max_completion_length": 16}
+    policy = tiny_seq2seq("t5", tokenizer, seed=1)
+    reference = tiny_seq2seq("t5", tokenizer, seed=2)
+    live, live_trainer = kto_trainer(copy.deepcopy(policy), tokenizer, short_rows, tmp_path / "live",
+                                     eval_rows=short_rows[:4], kto_kwargs=kwargs,
+                                     plugin_kwargs={"ref_model": copy.deepcopy(reference)})
+    pre, pre_trainer = kto_trainer(copy.deepcopy(policy), tokenizer, short_rows, tmp_path / "pre",
+                                   eval_rows=short_rows[:4],
+                                   kto_kwargs={**kwargs, "precompute_ref_log_probs": True, "precompute_cache": False},
+                                   plugin_kwargs={"ref_model": copy.deepcopy(reference)})
+    live.attach(live_trainer)
+    pre.attach(pre_trainer)
+    assert "ref_logps" in pre_trainer.eval_dataset.column_names
+    expected, actual = live_trainer.evaluate(), pre_trainer.evaluate()
+    for key in ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_kl"):
+        assert actual[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+    assert expected["eval_rewards/chosen"] != 0.0
+
+    lora = KTOPlugin(KTOConfig(**kwargs), tokenizer=tokenizer,
+                     peft_config=LoraConfig(r=4, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
+    trainer = Trainer(model=lora.wrap_model(policy), args=args(tmp_path / "lora", learning_rate=0.5),
+                      train_dataset=lora.prepare_dataset(short_rows), data_collator=lora.collator)
+    lora.attach(trainer)
+    assert lora.reference.mode == "null_adapter"
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[0] == pytest.approx(0.5, abs=1e-6) and losses[-1] != pytest.approx(0.5, abs=1e-6)
