@@ -4,7 +4,9 @@ strings (`ref_model="..."` with `ref_model_init_kwargs`) or as a `peft_config`.
 * `load_pretrained(name, init_kwargs)`: `AutoModelForSeq2SeqLM` for an encoder-decoder config, else
   `AutoModelForCausalLM`, with dtype strings (``"bfloat16"``) turned into torch dtypes and ``torch_dtype``
   accepted as the older spelling of ``dtype``.
-* `wrap_with_peft(model, peft_config)`: `peft.get_peft_model`, refusing a model that already has adapters.
+* `wrap_with_peft(model, peft_config)`: `peft.get_peft_model`, refusing a model that already has adapters;
+  `wrap_trainer_model` does it to the model a Trainer already holds.
+* `check_architecture`: encoder-decoder or decoder-only (`config.is_encoder_decoder`), policy and reference alike.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ def normalized_init_kwargs(init_kwargs: dict[str, Any] | None, default_dtype: An
     if isinstance(dtype, str) and dtype != "auto":
         resolved = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"dtype={dtype!r} is not a torch dtype; use e.g. 'bfloat16', 'float16', 'float32' or 'auto'.")
+            raise ValueError(
+                f"dtype={dtype!r} is not a torch dtype; use e.g. 'bfloat16', 'float16', 'float32' or 'auto'."
+            )
         dtype = resolved
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -105,3 +109,43 @@ def wrap_with_peft(model: torch.nn.Module, peft_config: Any) -> torch.nn.Module:
             "adapter on top. Pass peft_config=None and train the adapters the model has, or pass the base model."
         )
     return get_peft_model(model, peft_config)
+
+
+def wrap_trainer_model(trainer: Any, model: torch.nn.Module, peft_config: Any) -> torch.nn.Module:
+    """Wrap the model a Trainer holds (`model`, unwrapped) with `peft_config` and make the wrapper the Trainer's
+    `model` and `model_wrapped`. Refused where the Trainer has already captured the unwrapped model: an optimizer
+    passed in (built over its parameters), or `model_init` (train() builds a new model)."""
+    fix = "Wrap the model before building the Trainer: Trainer(model=kto.wrap_model(model), ...)"
+    if getattr(trainer, "model_init", None) is not None:
+        raise ValueError(
+            "peft_config with a Trainer built from model_init: train() builds a new model, which attach() "
+            "cannot wrap. Wrap inside model_init: model_init=lambda: kto.wrap_model(build_model())."
+        )
+    if trainer.optimizer is not None:
+        raise ValueError(
+            "peft_config, but the Trainer already has an optimizer (optimizers=...), built over the "
+            f"unwrapped model's parameters, so the adapter would never be trained. {fix}."
+        )
+    if trainer.model is not trainer.model_wrapped:
+        raise ValueError(f"peft_config, but the Trainer's model is already wrapped for distribution. {fix}.")
+    wrapped = wrap_with_peft(model, peft_config)
+    trainer.model = trainer.model_wrapped = wrapped
+    return wrapped
+
+
+def check_architecture(policy: Any, reference: Any, declared: bool | None) -> bool:
+    """Whether `policy` is an encoder-decoder; refuses a wrong `KTOConfig.is_encoder_decoder` and a reference of
+    the other architecture."""
+    encoder_decoder = is_encoder_decoder(policy)
+    if declared is not None and declared != encoder_decoder:
+        raise ValueError(
+            f"KTOConfig.is_encoder_decoder={declared}, but the model ({type(policy).__name__}) has "
+            f"config.is_encoder_decoder={encoder_decoder}. Leave it None (read from the model) or fix it."
+        )
+    if reference is not None and is_encoder_decoder(reference) != encoder_decoder:
+        raise ValueError(
+            f"The policy is {'an encoder-decoder' if encoder_decoder else 'a decoder-only'} model but ref_model "
+            f"({type(reference).__name__}) is not: their log-probs are not comparable. Use a reference of the "
+            "same architecture."
+        )
+    return encoder_decoder

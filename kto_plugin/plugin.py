@@ -19,13 +19,14 @@ from .guidance import Adviser, attach_advice, label_counts
 from .logprobs import LogpsPath, choose_path
 from .metrics import KTOMetricsCallback, MetricsAccumulator
 from .plugin_manager import KTOPluginManager
-from .adapters import AdapterHost
+from .adapters import AdapterHost, activate_trained_adapter
 from .models import (
+    check_architecture,
     decoder_start_token_id,
-    is_encoder_decoder,
     is_model_name,
     is_vision_language,
     load_pretrained,
+    wrap_trainer_model,
     wrap_with_peft,
 )
 from .precompute import ReferencePrecomputer, default_cache_dir
@@ -200,22 +201,7 @@ class KTOPlugin:
         model = trainer.accelerator.unwrap_model(trainer.model)
         if model in self._wrapped:
             return
-        fix = "Wrap the model before building the Trainer: Trainer(model=kto.wrap_model(model), ...)"
-        if getattr(trainer, "model_init", None) is not None:
-            raise ValueError(
-                "peft_config with a Trainer built from model_init: train() builds a new model, which attach() "
-                "cannot wrap. Wrap inside model_init: model_init=lambda: kto.wrap_model(build_model())."
-            )
-        if trainer.optimizer is not None:
-            raise ValueError(
-                "peft_config, but the Trainer already has an optimizer (optimizers=...), built over the "
-                f"unwrapped model's parameters, so the adapter would never be trained. {fix}."
-            )
-        if trainer.model is not trainer.model_wrapped:
-            raise ValueError(f"peft_config, but the Trainer's model is already wrapped for distribution. {fix}.")
-        wrapped = wrap_with_peft(model, self.peft_config)
-        self._wrapped.add(wrapped)
-        trainer.model = trainer.model_wrapped = wrapped
+        self._wrapped.add(wrap_trainer_model(trainer, model, self.peft_config))
         logger.info("kto_plugin: wrapped the Trainer's model with peft_config (%s)", type(self.peft_config).__name__)
 
     # --- attach / detach ---
@@ -337,20 +323,7 @@ class KTOPlugin:
 
     def _set_architecture(self, policy: Any) -> None:
         """Encoder-decoder or decoder-only, from the model's config; the collator builds batches to match."""
-        encoder_decoder = is_encoder_decoder(policy)
-        declared = self.config.is_encoder_decoder
-        if declared is not None and declared != encoder_decoder:
-            raise ValueError(
-                f"KTOConfig.is_encoder_decoder={declared}, but the model ({type(policy).__name__}) has "
-                f"config.is_encoder_decoder={encoder_decoder}. Leave it None (read from the model) or fix it."
-            )
-        reference = self.reference.given_ref_model
-        if reference is not None and is_encoder_decoder(reference) != encoder_decoder:
-            raise ValueError(
-                f"The policy is {'an encoder-decoder' if encoder_decoder else 'a decoder-only'} model but ref_model "
-                f"({type(reference).__name__}) is not: their log-probs are not comparable. Use a reference of the "
-                "same architecture."
-            )
+        encoder_decoder = check_architecture(policy, self.reference.given_ref_model, self.config.is_encoder_decoder)
         self.collator.encoder_decoder = encoder_decoder
         self.collator.decoder_start_token_id = decoder_start_token_id(policy) if encoder_decoder else None
 
@@ -365,31 +338,7 @@ class KTOPlugin:
         name = self.model_adapter_name
         if name is None:
             return
-        host = AdapterHost.of(policy)
-        if host is None:
-            raise ValueError(
-                f"model_adapter_name={name!r} needs a model with PEFT adapters, but the trainer's model is a "
-                f"{type(policy).__name__} without adapters. Wrap it (peft.get_peft_model or peft_config=) first."
-            )
-        if name not in host.names:
-            raise ValueError(
-                f"model_adapter_name={name!r} is not an adapter of the model; it has {host.names}. Load it first, "
-                f"e.g. model.load_adapter(path, adapter_name={name!r}, is_trainable=True), or pass one of those names."
-            )
-        previous = host.active
-        grads = [(p, p.requires_grad) for p in policy.parameters()]
-        host.activate(name)
-
-        def restore() -> None:
-            if len(previous) == 1:
-                host.activate(previous[0])
-            else:  # several active adapters (only a tuner-level set_adapter makes that): restore each layer
-                for layer in host.layers():
-                    layer.set_adapter(previous)
-            for p, flag in grads:
-                p.requires_grad_(flag)
-
-        self._restore_adapter = restore
+        self._restore_adapter = activate_trained_adapter(policy, name)
 
     def rebind(self, trainer: Any, policy: Any) -> None:
         """Re-bind to a new policy instance (`Trainer.train()` re-creates the model when `model_init` is set).
