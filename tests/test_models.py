@@ -325,3 +325,33 @@ def test_vision_language_model_is_refused_at_attach(tokenizer, short_rows, tmp_p
     with pytest.raises(NotImplementedError, match="LlavaForConditionalGeneration.*vision-language.*KTOTrainer"):
         kto.attach(trainer)
     assert trainer.compute_loss_func is None
+
+
+def test_model_adapter_name_with_adapters_loaded_by_transformers(base_model, tokenizer, short_rows, tmp_path):
+    """model.load_adapter(...) twice on a PreTrainedModel (no PeftModel): the named adapter trains."""
+    from reference_cases import peft_policy
+
+    from kto_plugin.adapters import AdapterHost
+
+    paths = {}
+    for seed, name in ((5, "sft"), (6, "ref")):
+        paths[name] = str(tmp_path / name)
+        peft_policy(base_model, trained=True, seed=seed).save_pretrained(paths[name])
+    model = copy.deepcopy(base_model)
+    model.load_adapter(paths["sft"], adapter_name="sft", is_trainable=True)
+    model.load_adapter(paths["ref"], adapter_name="ref")  # loaded last: the active one
+    host = AdapterHost.of(model)
+    assert host.kind == "transformers" and host.active == ["ref"]
+    grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    kto, trainer = kto_trainer(model, tokenizer, short_rows, tmp_path / "out",
+                               kto_kwargs={"max_length": 256}, plugin_kwargs={"model_adapter_name": "sft"})
+    kto.attach(trainer)
+    assert host.active == ["sft"] and kto.reference.ref_adapter_name == "ref"
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(_adapter_state(model, "sft"))
+    before = _adapter_state(model, "ref")
+    trainer.train()
+    assert host.active == ["sft"]
+    assert all(torch.equal(before[n], p) for n, p in _adapter_state(model, "ref").items())
+    kto.detach()
+    assert host.active == ["ref"]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads_before
