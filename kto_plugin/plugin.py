@@ -543,7 +543,8 @@ class KTOPlugin:
                 "the model that exists now, but train() builds a new one. Pass model= instead of model_init=, or "
                 "turn precompute off."
             )
-        if self.config.generate_during_eval and AdapterHost.of(trainer.accelerator.unwrap_model(trainer.model)) is None:
+        has_adapter = self.peft_config is not None or AdapterHost.of(trainer.accelerator.unwrap_model(trainer.model))
+        if self.config.generate_during_eval and not has_adapter:
             raise ValueError(
                 "generate_during_eval=True needs a live reference to generate from, but precompute_ref_log_probs=True "
                 "keeps no reference model (only PEFT adapter references stay available). Turn one of them off."
