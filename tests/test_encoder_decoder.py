@@ -128,13 +128,13 @@ def test_loss_and_gradients_match_the_slow_reference(kind, tokenizer, short_rows
     assert n_compared > 10
 
 
-@pytest.mark.parametrize("kind", ["t5", "bart"])
-def test_trains_and_evaluates_end_to_end(kind, tokenizer, short_rows, tmp_path):
-    policy = tiny_seq2seq(kind, tokenizer, seed=1)
+def test_trains_and_evaluates_end_to_end(tokenizer, short_rows, tmp_path):
+    # one architecture suffices here: the numbers of both are checked against the slow reference above
+    policy = tiny_seq2seq("t5", tokenizer, seed=1)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     # a non-default label_pad_token_id: the logits path (encoder-decoder models) must skip it too
     kto, trainer = kto_trainer(policy, tokenizer, short_rows, tmp_path, eval_rows=short_rows[:4],
-                               kto_kwargs={"max_length": 512, "max_completion_length": 32, "label_pad_token_id": -3})
+                               kto_kwargs={"max_length": 512, "max_completion_length": 16, "label_pad_token_id": -3})
     kto.attach(trainer)
     assert kto.reference.why == "a frozen copy of the initial policy"
     trainer.train()
