@@ -79,7 +79,8 @@ class KTOCollator:
     is the one whose reference log-prob was precomputed, whatever the sampler. Precomputed ``ref_logps`` and
     ``ref_kl_logps`` columns travel as float32 bit patterns (`float32_as_bits`). Rows are cut to
     `max_length` keeping the start (TRL 1.16); with ``truncation_mode="keep_end"`` the end of the prompt and
-    the whole completion are kept instead.
+    the whole completion are kept instead. For an encoder-decoder model (`encoder_decoder`, set at attach) the
+    prompt is the encoder input and the completion the decoder's, see `_encoder_decoder_side`.
 
     Worked example (pad 0, no max_length)::
 
