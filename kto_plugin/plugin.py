@@ -238,7 +238,7 @@ class KTOPlugin:
         saved["train_dataset"] = trainer.train_dataset
         saved["eval_dataset"] = trainer.eval_dataset
 
-        policy_path = self._bind_model(trainer, policy)
+        policy_path = self._bind_policy(trainer, policy)
 
         trainer.compute_loss_func = self.loss_hook
         # the loss is a per-micro-batch mean: let the Trainer divide by the accumulation steps
@@ -281,23 +281,28 @@ class KTOPlugin:
         )
         logger.info("kto_plugin: loaded the reference model from %r", str(self.ref_model_name))
 
-    def _bind_model(self, trainer: Any, policy: Any) -> LogpsPath:
-        """Everything tied to the policy instance: the trained adapter, the reference, the log-prob paths, dropout."""
+    def _bind_policy(self, trainer: Any, policy: Any) -> LogpsPath:
+        """The architecture and the trained adapter (`model_adapter_name`), then everything else `_bind_model`
+        ties to the policy; the adapter is switched back if that fails."""
         self._set_architecture(policy)
         self._activate_model_adapter(policy)
         try:
-            self.reference.setup(
-                trainer,
-                policy,
-                disable_ref_dropout=self.config.disable_dropout,
-                peft_reference=self._peft_reference(policy),
-                precompute=self.config.precompute_ref_log_probs,
-            )
+            return self._bind_model(trainer, policy)
         except BaseException:
             if self._restore_adapter is not None:
                 self._restore_adapter()
                 self._restore_adapter = None
             raise
+
+    def _bind_model(self, trainer: Any, policy: Any) -> LogpsPath:
+        """Everything tied to the policy instance: the reference, the log-prob paths, dropout."""
+        self.reference.setup(
+            trainer,
+            policy,
+            disable_ref_dropout=self.config.disable_dropout,
+            peft_reference=self._peft_reference(policy),
+            precompute=self.config.precompute_ref_log_probs,
+        )
         policy_path = choose_path(policy, sharded=self._sharded(trainer))
         reference_model = self.reference.ref_model
         reference_path = (
@@ -346,7 +351,7 @@ class KTOPlugin:
         The frozen-copy reference is taken from `policy`, which is the model as `model_init` returned it.
         """
         self._unbind_model()
-        policy_path = self._bind_model(trainer, policy)
+        policy_path = self._bind_policy(trainer, policy)
         logger.info(
             "kto_plugin: model_init made a new model; re-bound (reference: %s, log-probs from %s)",
             self.reference.describe(), policy_path.name,
