@@ -51,7 +51,8 @@ def side_kto_plugin(rows, tok, model, out, steps, precompute=False):
     from kto_plugin import KTOConfig, KTOPlugin
 
     kto = KTOPlugin(
-        KTOConfig(max_length=common.MAX_LENGTH, precompute_ref_log_probs=precompute), tokenizer=tok
+        KTOConfig(max_length=common.MAX_LENGTH, precompute_ref_log_probs=precompute, precompute_cache=False),
+        tokenizer=tok,
     )
     trainer = Trainer(
         model=model,

@@ -4,6 +4,7 @@ from ._version import __version__
 from .collator import KTOCollator, KTOLabels
 from .config import KTOConfig
 from .hookspecs import hookimpl, hookspec
+from .nonfinite import NonFiniteLossError
 from .plugin import KTOPlugin
 from .plugin_manager import KTOPluginManager, PluginError, PluginValidationError
 
@@ -13,6 +14,7 @@ __all__ = [
     "KTOLabels",
     "KTOPlugin",
     "KTOPluginManager",
+    "NonFiniteLossError",
     "PluginError",
     "PluginValidationError",
     "__version__",

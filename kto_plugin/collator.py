@@ -68,7 +68,8 @@ class KTOCollator:
                              completion_labels=(B, T) token id on completion tokens, label_pad_token_id
                                                  (-100) elsewhere,
                              kl_input_ids=(B, T'), kl_attention_mask=(B, T'), kl_completion_labels=(B, T'),
-                             ref_logps_bits=(B,), ref_kl_logps_bits=(B,))}  # only if precomputed
+                             ref_logps_bits=(B,), ref_kl_logps_bits=(B,),  # only if precomputed
+                             row_index=(B,))}  # only if the rows carry an integer `row_index`
 
     The loss hook sees only `labels`, so the target ids and mask are repeated there. The KL batch pairs
     prompt i with completion i - 1 (row 0 takes the last row's completion), so each prompt meets a
@@ -211,11 +212,14 @@ class KTOCollator:
         if self.build_kl:
             kl_ids, kl_mask, kl_labels = self._side(prompts, kl_completions)
             labels.update(kl_input_ids=kl_ids, kl_attention_mask=kl_mask, kl_completion_labels=kl_labels)
-        self._add_precomputed(rows, labels)
+        self._add_row_columns(rows, labels)
         return {"input_ids": input_ids, "attention_mask": attention_mask, **self.model_kwargs, "labels": labels}
 
     @staticmethod
-    def _add_precomputed(rows: Sequence[dict[str, Any]], labels: KTOLabels) -> None:
+    def _add_row_columns(rows: Sequence[dict[str, Any]], labels: KTOLabels) -> None:
+        """Per-row columns the loss hook reads: ``row_index`` and precomputed reference log-probs (as bits)."""
+        if "row_index" in rows[0] and all(isinstance(r["row_index"], int) for r in rows):
+            labels["row_index"] = torch.tensor([r["row_index"] for r in rows], dtype=torch.long)
         for key in ("ref_logps", "ref_kl_logps"):
             if key in rows[0]:
                 labels[f"{key}_bits"] = float32_as_bits([r[key] for r in rows])
@@ -227,6 +231,6 @@ class KTOCollator:
         if self.build_kl:
             kl = self._encoder_decoder_side(prompts, kl_completions)
             labels.update({f"kl_{key}": value for key, value in kl.items()})
-        self._add_precomputed(rows, labels)
+        self._add_row_columns(rows, labels)
         inputs = {k: side[k] for k in ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")}
         return {**inputs, **self.model_kwargs, "labels": labels}

@@ -18,6 +18,7 @@ from .config import KTOConfig
 from .logprobs import LogpsPath, SequenceLogps
 from .loss import kl_reference_point, weighted_mean
 from .metrics import MetricsAccumulator
+from .nonfinite import NonFiniteGuard
 from .plugin_manager import KTOPluginManager
 from .reference import ReferenceManager, lm_head_of
 
@@ -36,6 +37,7 @@ _SUM_KEYS = (
     "entropy",
     "tokens",
     "input_tokens",
+    "nonfinite",
 )
 
 
@@ -47,6 +49,18 @@ def decoder_inputs(labels: Any, prefix: str = "") -> dict[str, torch.Tensor]:
         "decoder_input_ids": labels[f"{prefix}decoder_input_ids"],
         "decoder_attention_mask": labels[f"{prefix}decoder_attention_mask"],
     }
+
+
+def _to_device(labels: Any, device: Any) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in labels.items()}
+
+
+def _rows(labels: Any, mask: torch.Tensor) -> list[int]:
+    """Row indices (the ``row_index`` column, else positions in the micro-batch) where `mask` is True."""
+    positions = mask.nonzero().flatten()
+    if "row_index" in labels:
+        return labels["row_index"].to(positions.device)[positions].tolist()
+    return positions.tolist()
 
 
 class KTOComputeLoss:
@@ -63,8 +77,13 @@ class KTOComputeLoss:
         reference: ReferenceManager,
         metrics: MetricsAccumulator,
         needs_kl: bool,
+        guard: NonFiniteGuard | None = None,
     ) -> None:
         self.config = config
+        self.guard = guard if guard is not None else NonFiniteGuard(config.on_nonfinite)
+        # kl_estimate="window": z0 of the current gradient-accumulation window, set by `window_reference_point`
+        self.window_kl: torch.Tensor | None = None
+        self._kl_rows: list[int] = []  # local rows whose KL pair was non-finite (for the report)
         self.plugins = plugins
         self.reference = reference
         self.metrics = metrics
@@ -101,11 +120,15 @@ class KTOComputeLoss:
         label = labels["label"]
 
         policy = self.policy_path.from_outputs(outputs, policy_head, labels["completion_labels"], with_stats=True)
-        reference_logps, policy_kl, reference_kl = self._no_grad_passes(trainer, model, policy_head, labels)
-
-        if self.needs_kl:
-            kl = self._reference_point(trainer, policy_kl, reference_kl)
-        else:
+        use_window = self.needs_kl and mode == "train" and self.window_kl is not None
+        with torch.no_grad():
+            if self.needs_kl and not use_window:
+                policy_kl, reference_kl = self.kl_logps(trainer, model, policy_head, labels)
+                kl = self._reference_point(trainer, policy_kl, reference_kl, labels)
+            reference_logps = self._reference_target(trainer, labels)
+        if use_window:
+            kl = self.window_kl.to(policy.logps.device)
+        elif not self.needs_kl:
             kl = policy.logps.new_zeros(())
         losses = self.plugins.loss(
             loss_type=self.config.loss_type,
@@ -116,7 +139,14 @@ class KTOComputeLoss:
             config=self.config,
         )
         loss = weighted_mean(losses, label, self.config.desirable_weight, self.config.undesirable_weight)
-        self._record(trainer, mode, policy, reference_logps, kl, label, losses, labels)
+        # the offending rows: their own log-probs are not finite (or their loss, while z0 is finite: a
+        # non-finite z0 makes every loss non-finite and is reported with its own rows)
+        bad = ~(torch.isfinite(policy.logps) & torch.isfinite(reference_logps))
+        if bool(torch.isfinite(kl)):
+            bad |= ~torch.isfinite(losses)
+        n_nonfinite = self._record(trainer, mode, policy, reference_logps, kl, label, losses, labels, bad)
+        if n_nonfinite > 0:
+            self._report_nonfinite(trainer, mode, labels, bad, kl)
         if mode == "eval":
             self.eval_batch = EvalBatch(
                 policy.logps.detach(), reference_logps.detach(), outputs, policy_head, self.policy_path.use_hidden,
@@ -124,32 +154,64 @@ class KTOComputeLoss:
             )
         return loss
 
-    def _no_grad_passes(
-        self, trainer: Any, model: Any, policy_head: Any, labels: Any
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Reference log-probs of the target batch, and policy/reference log-probs of the KL batch."""
-        policy_kl = reference_kl = None
-        with torch.no_grad():
-            if self.needs_kl:
-                policy_kl = self.policy_path.forward(
-                    model, policy_head, labels["kl_input_ids"], labels["kl_attention_mask"],
-                    labels["kl_completion_labels"], **decoder_inputs(labels, "kl_"),
-                ).logps
-            if "ref_logps_bits" in labels:
-                reference_logps = bits_as_float32(labels["ref_logps_bits"])
-                if self.needs_kl and "ref_kl_logps_bits" not in labels:
-                    raise ValueError(
-                        "Precomputed reference log-probs lack 'ref_kl_logps' for "
-                        f"loss_type={self.config.loss_type!r}, which needs the KL term: precompute with that "
-                        "loss type (the column is computed only when the loss needs it)."
-                    )
-                if self.needs_kl:
-                    reference_kl = bits_as_float32(labels["ref_kl_logps_bits"])
-                return reference_logps, policy_kl, reference_kl
-            reference_logps, reference_kl = self.reference_logps(trainer, labels)
-        return reference_logps, policy_kl, reference_kl
+    def kl_logps(self, trainer: Any, model: Any, policy_head: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy and reference log-probs (B,) of the KL (mismatched) batch; call under no-grad."""
+        policy_kl = self.policy_path.forward(
+            model, policy_head, labels["kl_input_ids"], labels["kl_attention_mask"], labels["kl_completion_labels"],
+            **decoder_inputs(labels, "kl_"),
+        ).logps
+        if "ref_logps_bits" in labels:
+            if "ref_kl_logps_bits" not in labels:
+                raise ValueError(
+                    "Precomputed reference log-probs lack 'ref_kl_logps' for "
+                    f"loss_type={self.config.loss_type!r}, which needs the KL term: precompute with that "
+                    "loss type (the column is computed only when the loss needs it)."
+                )
+            return policy_kl, bits_as_float32(labels["ref_kl_logps_bits"])
+        with self.reference.activate(trainer) as ref_module:
+            ref_head = lm_head_of(trainer.accelerator.unwrap_model(ref_module))
+            reference_kl = self.reference_path.forward(
+                ref_module, ref_head, labels["kl_input_ids"], labels["kl_attention_mask"],
+                labels["kl_completion_labels"], **decoder_inputs(labels, "kl_"),
+            ).logps
+        return policy_kl, reference_kl
 
-    def reference_logps(self, trainer: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _reference_target(self, trainer: Any, labels: Any) -> torch.Tensor:
+        """The reference's log-probs (B,) of the target batch: precomputed, or a no-grad pass."""
+        if "ref_logps_bits" in labels:
+            return bits_as_float32(labels["ref_logps_bits"])
+        return self.reference_logps(trainer, labels, with_kl=False)[0]
+
+    def window_reference_point(self, trainer: Any, batches: list[Any]) -> None:
+        """z0 over a whole gradient-accumulation window (``kl_estimate="window"``), before its first micro-batch.
+
+        `batches`: the window's micro-batches as the Trainer fetched them (`Trainer.get_batch_samples`). The KL
+        pass is no-grad and the weights do not change within a window, so the policy's KL log-probs computed
+        here are those the per-micro-batch pass would compute; the sums and counts of every micro-batch on
+        every process then give one z0 for the window.
+        """
+        model = trainer.model
+        if not model.training:
+            model.train()  # as `training_step` does right after: the KL pass sees the same dropout mode
+        policy_head = lm_head_of(trainer.accelerator.unwrap_model(model))
+        device = trainer.accelerator.device
+        policy_kls, reference_kls, row_labels = [], [], []
+        with torch.no_grad():
+            for batch in batches:
+                labels = _to_device(batch["labels"], device)
+                policy_kl, reference_kl = self.kl_logps(trainer, model, policy_head, labels)
+                policy_kls.append(policy_kl.float())
+                reference_kls.append(reference_kl.float())
+                row_labels.append(labels)
+            policy_kl, reference_kl = torch.cat(policy_kls), torch.cat(reference_kls)
+            merged = {}
+            if all("row_index" in labels for labels in row_labels):
+                merged["row_index"] = torch.cat([labels["row_index"] for labels in row_labels])
+            self.window_kl = self._reference_point(trainer, policy_kl, reference_kl, merged)
+
+    def reference_logps(
+        self, trainer: Any, labels: Any, with_kl: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The reference's summed log-probs of the target batch (B,) and, for KL, of the KL batch (B,).
 
         Call under `torch.no_grad()`; `labels` is a collated `KTOLabels` on the device. Also used by the
@@ -162,15 +224,22 @@ class KTOComputeLoss:
                 ref_module, ref_head, labels["input_ids"], labels["attention_mask"],
                 labels["completion_labels"], **decoder_inputs(labels),
             ).logps
-            if self.needs_kl:
+            if self.needs_kl and with_kl:
                 reference_kl = self.reference_path.forward(
                     ref_module, ref_head, labels["kl_input_ids"], labels["kl_attention_mask"],
                     labels["kl_completion_labels"], **decoder_inputs(labels, "kl_"),
                 ).logps
         return reference_logps, reference_kl
 
-    def _reference_point(self, trainer: Any, policy_kl: torch.Tensor, reference_kl: torch.Tensor) -> torch.Tensor:
-        """z0: the detached, clamped mean log-ratio of mismatched pairs over all processes (paper section 4.1)."""
+    def _reference_point(
+        self, trainer: Any, policy_kl: torch.Tensor, reference_kl: torch.Tensor, labels: Any
+    ) -> torch.Tensor:
+        """z0: the detached, clamped mean log-ratio of mismatched pairs over all processes (paper section 4.1).
+
+        A weighted mean: the sum of the log-ratios and their count are all-reduced, then divided, so a rank
+        holding fewer pairs weighs less.
+        """
+        self._kl_rows = _rows(labels, ~torch.isfinite(policy_kl - reference_kl))
         custom = self.plugins.reference_point(
             policy_kl_logps=policy_kl, reference_kl_logps=reference_kl, config=self.config
         )
@@ -196,8 +265,12 @@ class KTOComputeLoss:
         label: torch.Tensor,
         losses: torch.Tensor,
         labels: Any,
-    ) -> None:
-        """Per-micro-batch metrics, reduced across processes in one all-reduce (every rank logs the same)."""
+        bad: torch.Tensor,
+    ) -> float:
+        """Per-micro-batch metrics, reduced across processes in one all-reduce (every rank logs the same).
+
+        Returns the number of non-finite rows (plus one per rank if z0 is not finite) over all processes.
+        """
         with torch.no_grad():
             logps = policy.logps.detach()
             rewards = self.config.beta * (logps - reference_logps)
@@ -217,6 +290,7 @@ class KTOComputeLoss:
                 "entropy": policy.entropy_sum.sum(),
                 "tokens": policy.num_tokens.sum(),
                 "input_tokens": labels["attention_mask"].sum().float(),
+                "nonfinite": bad.sum().float() + (0.0 if bool(torch.isfinite(kl)) else 1.0),
             }
             stats = torch.stack([values[k].float().to(logps.device) for k in _SUM_KEYS])
             extra = self.plugins.metrics(
@@ -261,3 +335,16 @@ class KTOComputeLoss:
             )
         for key in extra_keys:
             add(mode, key, s[key] / accelerator.num_processes)
+        return s["nonfinite"]
+
+    def _report_nonfinite(self, trainer: Any, mode: str, labels: Any, bad: torch.Tensor, kl: torch.Tensor) -> None:
+        """Every rank reaches this together (the count was all-reduced): gather the rows, apply the policy."""
+        rows = _rows(labels, bad)
+        kl_rows = list(self._kl_rows) if not bool(torch.isfinite(kl)) else []
+        if trainer.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            gathered = gather_object([(rows, kl_rows)])
+            rows = [r for part in gathered for r in part[0]]
+            kl_rows = [r for part in gathered for r in part[1]]
+        self.guard.report(trainer, mode, rows, kl_rows, float(kl))

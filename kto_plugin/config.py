@@ -13,6 +13,7 @@ from typing import Any
 TRUNCATION_MODES = ("keep_start", "keep_end")
 PEFT_REFERENCES = ("auto", "initial_adapter", "base")
 KL_ESTIMATES = ("batch", "window")
+NONFINITE_POLICIES = ("warn", "raise", "skip")
 
 
 @dataclass
@@ -43,8 +44,16 @@ class KTOConfig:
         default="batch",
         metadata={
             "help": "Scope of the reference point z0: 'batch' (one micro-batch across processes, as TRL) or "
-            "'window' (the whole gradient-accumulation window).",
+            "'window' (every micro-batch of the gradient-accumulation window, across processes).",
             "choices": list(KL_ESTIMATES),
+        },
+    )
+    on_nonfinite: str = field(
+        default="warn",
+        metadata={
+            "help": "What a non-finite loss or z0 does (reported with the step and the rows' indices): 'warn', "
+            "'raise' (stop training), or 'skip' (drop that optimizer step's update; not under DeepSpeed).",
+            "choices": list(NONFINITE_POLICIES),
         },
     )
 
@@ -298,6 +307,10 @@ class KTOConfig:
             )
         if self.kl_estimate not in KL_ESTIMATES:
             raise ValueError(f"KTOConfig.kl_estimate must be one of {KL_ESTIMATES}, got {self.kl_estimate!r}.")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"KTOConfig.on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}."
+            )
         for name in ("generate_num_prompts", "generate_max_new_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -214,6 +214,9 @@ def _tokenize_batch(
     }
 
 
+ROW_INDEX = "row_index"
+
+
 def prepare_split(
     dataset: datasets.Dataset,
     tokenizer: Any,
@@ -244,6 +247,9 @@ def prepare_split(
             f"{name} dataset is conversational but the tokenizer has no chat template. Set one, e.g. "
             "tokenizer.chat_template = '{% for m in messages %}...{% endfor %}', or load a tokenizer that has one."
         )
+    if ROW_INDEX not in dataset.column_names:
+        # names the rows of a non-finite loss in long runs (`kto_plugin.nonfinite`); survives the drops below
+        dataset = dataset.add_column(ROW_INDEX, list(range(len(dataset))))
     keep = [c for c in dataset.column_names if c not in ("prompt", "completion", "tools", "chat_template_kwargs")]
     tokenized = dataset.map(
         _tokenize_batch,

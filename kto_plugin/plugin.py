@@ -18,6 +18,7 @@ from .generation import KTOGenerationCallback
 from .guidance import Adviser, attach_advice, label_counts
 from .logprobs import LogpsPath, choose_path
 from .metrics import KTOMetricsCallback, MetricsAccumulator
+from .nonfinite import NonFiniteGuard, NonFiniteSkipCallback
 from .plugin_manager import KTOPluginManager
 from .adapters import AdapterHost, activate_trained_adapter
 from .models import (
@@ -31,6 +32,7 @@ from .models import (
 )
 from .precompute import ReferencePrecomputer, default_cache_dir
 from .reference import ReferenceManager, disable_dropout, preserved_state
+from .resume import ResumeCallback
 from .sharding import sharding_of
 
 logger = logging.getLogger("kto_plugin")
@@ -133,12 +135,17 @@ class KTOPlugin:
             raise ValueError("Pass either ref_model or ref_adapter_name, not both: each names the reference.")
         self.reference = ReferenceManager(None if self.ref_model_name is not None else ref_model, ref_adapter_name)
         self.metrics = MetricsAccumulator()
-        self.loss_hook = KTOComputeLoss(self.config, self.plugins, self.reference, self.metrics, self.needs_kl)
+        self.nonfinite = NonFiniteGuard(self.config.on_nonfinite)
+        self.loss_hook = KTOComputeLoss(
+            self.config, self.plugins, self.reference, self.metrics, self.needs_kl, self.nonfinite
+        )
         self.data_reports: dict[str, DataReport] = {}
         self.trainer: Any = None
         self._saved: dict[str, Any] = {}
         self._callback: KTOMetricsCallback | None = None
         self._generation: KTOGenerationCallback | None = None
+        self._resume: ResumeCallback | None = None
+        self._skip_callback: NonFiniteSkipCallback | None = None
         self._compat = TrainerCompat(self)
         self._restore_dropout: list = []
         self.adviser = Adviser()
@@ -150,7 +157,9 @@ class KTOPlugin:
         """Tokenize unpaired rows ``{prompt, completion, label}`` (plain text or conversational).
 
         Takes a `datasets.Dataset`, a `DatasetDict` (each split, reported under its split name) or a list of
-        dicts; returns the same kind with `prompt_ids`, `completion_ids` and `label` (other columns kept).
+        dicts; returns the same kind with `prompt_ids`, `completion_ids`, `label` and `row_index` (the row's
+        position in `dataset`, kept through drops; names rows in non-finite reports; a `row_index` column of
+        your own is kept instead), other columns kept.
         What is dropped or truncated is counted in `self.data_reports[name]` and logged.
         """
         data = _as_dataset(dataset, name)
@@ -237,6 +246,7 @@ class KTOPlugin:
         saved["collator_encoder_decoder"] = (self.collator.encoder_decoder, self.collator.decoder_start_token_id)
         saved["train_dataset"] = trainer.train_dataset
         saved["eval_dataset"] = trainer.eval_dataset
+        saved["get_batch_samples"] = trainer.__dict__.get("get_batch_samples", _MISSING)
 
         policy_path = self._bind_policy(trainer, policy)
 
@@ -255,6 +265,14 @@ class KTOPlugin:
                 self.config.generate_max_new_tokens,
             )
             trainer.callback_handler.callbacks.insert(1, self._generation)
+        # last: its on_log stores the accumulator after the metrics callback has taken the interval's values
+        self._resume = ResumeCallback(self)
+        trainer.callback_handler.callbacks.append(self._resume)
+        if self.config.on_nonfinite == "skip":
+            self._skip_callback = NonFiniteSkipCallback(self.nonfinite)
+            trainer.callback_handler.callbacks.insert(0, self._skip_callback)
+        if self.config.kl_estimate == "window" and self.needs_kl:
+            trainer.get_batch_samples = WindowBatchSamples(trainer.get_batch_samples, trainer, self.loss_hook)
         self._compat.install(trainer)
         self.trainer = trainer
         if self.config.precompute_ref_log_probs:
@@ -401,13 +419,20 @@ class KTOPlugin:
         self.collator.encoder_decoder, self.collator.decoder_start_token_id = saved["collator_encoder_decoder"]
         trainer.train_dataset = saved["train_dataset"]
         trainer.eval_dataset = saved["eval_dataset"]
-        for callback in (self._callback, self._generation):
+        if saved["get_batch_samples"] is _MISSING:
+            trainer.__dict__.pop("get_batch_samples", None)
+        else:
+            trainer.get_batch_samples = saved["get_batch_samples"]
+        self.loss_hook.window_kl = None
+        for callback in (self._callback, self._generation, self._skip_callback, self._resume):
             if callback in trainer.callback_handler.callbacks:
                 trainer.callback_handler.callbacks.remove(callback)
         self._compat.uninstall(trainer)
         self._unbind_model()
         self._callback = None
         self._generation = None
+        self._resume = None
+        self._skip_callback = None
         self._saved = {}
         self._precomputer = None
         self.trainer = None
@@ -594,13 +619,36 @@ class KTOPlugin:
                 "KTOConfig.generate_during_eval is not supported under FSDP (generation would need the full "
                 "parameters gathered on every rank). Turn it off, or generate from a saved checkpoint after training."
             )
+        if self.config.on_nonfinite == "skip" and getattr(trainer, "is_deepspeed_enabled", False):
+            raise NotImplementedError(
+                "KTOConfig.on_nonfinite='skip' is not supported under DeepSpeed: its engine steps the optimizer "
+                "inside backward, so the plugin cannot drop an update. Use on_nonfinite='warn' or 'raise' (DeepSpeed's "
+                "fp16 loss scaler already skips overflowing steps)."
+            )
         check_liger(args)  # raises before anything is changed
         unsupported = {
             "sync_ref_model": self.config.sync_ref_model,
             "activation_offloading": self.config.activation_offloading,
             "router_aux_loss_coef": self.config.router_aux_loss_coef is not None,
-            "kl_estimate='window'": self.config.kl_estimate == "window",
         }
         for name, is_set in unsupported.items():
             if is_set:
                 raise NotImplementedError(f"KTOConfig.{name} is not supported in this version of kto_plugin.")
+
+
+class WindowBatchSamples:
+    """Wraps a trainer's `get_batch_samples` (instance attribute, undone by `detach`) for ``kl_estimate="window"``:
+    after the Trainer fetches a gradient-accumulation window's micro-batches, z0 is estimated over all of them
+    (and all processes) before the first one's loss."""
+
+    def __init__(self, original: Any, trainer: Any, loss_hook: KTOComputeLoss) -> None:
+        self.original = original
+        self.trainer = trainer
+        self.loss_hook = loss_hook
+
+    def __call__(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
+        batch_samples, num_items_in_batch = self.original(epoch_iterator, num_batches, device)
+        self.loss_hook.window_kl = None
+        if batch_samples:
+            self.loss_hook.window_reference_point(self.trainer, batch_samples)
+        return batch_samples, num_items_in_batch

@@ -300,6 +300,7 @@ class KTOPluginManager:
                 torch.isnan(result).any()
                 and torch.isfinite(policy).all()
                 and torch.isfinite(kwargs["reference_logps"]).all()
+                and torch.isfinite(kwargs["kl"]).all()
             ):
                 raise PluginError(
                     f"{where} returned NaN for finite inputs (losses {result.detach().tolist()})."

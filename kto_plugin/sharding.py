@@ -15,8 +15,10 @@ What each set-up gets (the facts follow TRL 1.16's `prepare_deepspeed` / `prepar
 * FSDP2: accelerate's ``fsdp2_prepare_model`` (the plugin's auto-wrap policy, mixed precision, CPU offload
   and mesh), FSDP1: ``FullyShardedDataParallel`` with the plugin's settings; eval mode.
 
-The ZeRO-3 and FSDP branches need GPUs and several processes and are not exercised by this repository's
-tests (no GPU here; multi-process tests live with issue #6). Under any of these set-ups log-probs come from
+The FSDP2 branch is tested on CPU with two gloo processes (`tests/scripts/fsdp_reference.py`: sharded,
+frozen, eval mode, logits equal to the unsharded model's); accelerate 1.15 enables FSDP in the Trainer only on
+accelerator devices, so the end-to-end FSDP run needs GPUs. The ZeRO-3 and FSDP1 branches need GPUs (and
+DeepSpeed) and are not exercised by this repository's tests. Under any of these set-ups log-probs come from
 the model's own logits (`kto_plugin.logprobs.choose_path(sharded=True)`), since a sharded LM head cannot be
 applied outside the model's forward.
 """
@@ -57,7 +59,7 @@ def prepare_reference(trainer: Any, model: nn.Module) -> nn.Module:
         return model.to(accelerator.device).eval()
     if kind == "deepspeed3":  # pragma: no cover - needs deepspeed and GPUs
         return _deepspeed_inference_engine(model, accelerator)
-    return _fsdp(model, accelerator)  # pragma: no cover - needs GPUs
+    return _fsdp(model, accelerator)
 
 
 def _deepspeed_dtype(config: dict[str, Any]) -> torch.dtype | None:
@@ -90,13 +92,13 @@ def _deepspeed_inference_engine(model: nn.Module, accelerator: Any) -> nn.Module
     return engine
 
 
-def _fsdp(model: nn.Module, accelerator: Any) -> nn.Module:  # pragma: no cover - needs GPUs
+def _fsdp(model: nn.Module, accelerator: Any) -> nn.Module:
     plugin = accelerator.state.fsdp_plugin
     if plugin.fsdp_version == 2:
         from accelerate.utils import fsdp2_prepare_model
 
         model = fsdp2_prepare_model(accelerator, model)
-    else:
+    else:  # pragma: no cover - FSDP1 needs GPUs
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         plugin.set_auto_wrap_policy(model)

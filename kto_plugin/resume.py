@@ -1,0 +1,192 @@
+"""Exact resume: the plugin's run state travels in each checkpoint's ``trainer_state.json``.
+
+`Trainer.train(resume_from_checkpoint=...)` already restores the weights (the adapter's for a PEFT model), the
+optimizer, the scheduler, the RNG states and the data position (it skips the batches already trained on, so the
+collator's in-batch KL pairing and any stored ``kl_completion_ids`` partner see the same rows as before). What
+only the plugin knows is kept under ``TrainerState.stateful_callbacks["kto_plugin"]``:
+
+* the metrics accumulator (sums and counts since the last log) and the running ``num_tokens`` count, so a log
+  whose interval spans the checkpoint averages the same micro-batches as an uninterrupted run;
+* what identifies the reference: a sampled fingerprint of a separate or frozen-copy reference model, and a
+  hash of the train dataset's precomputed ``ref_logps``. A reference must be the *initial* policy: a resumed
+  run whose model was loaded from the checkpoint would take its frozen copy (or its precomputed log-probs)
+  from trained weights. That is refused in `on_train_begin`, before any step.
+
+Why not `transformers.ExportableState`: the Trainer restores those only with
+``restore_callback_states_from_checkpoint=True``, by constructing the callback class anew from JSON, while the
+plugin's callbacks hold live objects. A key the Trainer does not know is written and read back untouched
+(with ``restore_callback_states_from_checkpoint=True`` the Trainer logs that it ignores it).
+
+The state is copied into `TrainerState` after every step, log and evaluation, so it is current whenever the
+Trainer writes a checkpoint (which it does after logging and evaluating at a step).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from .precompute import is_sharded
+
+logger = logging.getLogger("kto_plugin")
+
+STATE_KEY = "kto_plugin"
+STATE_FORMAT = 1
+
+
+def sampled_fingerprint(
+    module: torch.nn.Module, samples: int = 64, keep: Callable[[str], bool] | None = None
+) -> str | None:
+    """sha256 over every parameter and buffer's name, dtype, shape and `samples` evenly spaced elements.
+
+    Cheap at any model size (a few hundred small device-to-host copies), and an optimizer step changes the
+    sampled elements of a trained tensor, so it tells the initial policy from a checkpoint's weights.
+    `keep(name)` selects the tensors (default: all); None when it selects none.
+    """
+    h = hashlib.sha256()
+    found = False
+    for name, tensor in sorted(module.state_dict().items()):
+        if keep is not None and not keep(name):
+            continue
+        found = True
+        flat = tensor.detach().reshape(-1)
+        stride = max(1, flat.numel() // samples)
+        picked = flat[::stride][:samples].cpu().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        h.update(picked.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest() if found else None
+
+
+def column_hash(dataset: Any, column: str) -> str | None:
+    """sha256 of a float column of a `datasets.Dataset`, or None when it has no such column."""
+    if dataset is None or column not in getattr(dataset, "column_names", ()):
+        return None
+    values = np.asarray(dataset.with_format("numpy")[column], dtype=np.float32)
+    return hashlib.sha256(values.tobytes()).hexdigest()
+
+
+class ResumeCallback(TrainerCallback):
+    """Keeps ``state.stateful_callbacks["kto_plugin"]`` current and restores the plugin from it on resume.
+
+    `KTOPlugin.attach` appends it to the callback list, so its `on_log` runs after the metrics callback has
+    taken (and reset) the interval's metrics.
+    """
+
+    def __init__(self, plugin: Any) -> None:
+        self.plugin = plugin
+        self._identity: dict[str, str | None] | None = None
+
+    # --- what identifies the reference ---
+
+    def reference_identity(self) -> dict[str, str | None]:
+        """What the reference is, computed once per run: ``reference_kind`` (mode, adapter, copy or not),
+        ``reference`` (its description), ``reference_model`` (a fingerprint of a separate or frozen-copy
+        reference model, or of the reference adapter's tensors; None for a null reference, whose base model
+        is never trained, and for sharded weights) and ``ref_logps`` (a hash of the precomputed column)."""
+        if self._identity is None:
+            plugin = self.plugin
+            trainer = plugin.trainer
+            reference = plugin.reference
+            fingerprint = None
+            if reference.ref_model is not None:
+                module = trainer.accelerator.unwrap_model(reference.ref_model)
+                fingerprint = None if is_sharded(module) else sampled_fingerprint(module)
+            elif reference.mode == "named_adapter":
+                policy = trainer.accelerator.unwrap_model(trainer.model)
+                if not is_sharded(policy):
+                    marker = f".{reference.ref_adapter_name}."
+                    fingerprint = sampled_fingerprint(policy, keep=lambda name: marker in name)
+            copied = "copy" if reference.created_adapter else ""
+            kind = f"{reference.mode}/{reference.ref_adapter_name or ''}/{copied}"
+            self._identity = {
+                "reference_kind": kind,
+                "reference": reference.describe(),
+                "reference_model": fingerprint,
+                "ref_logps": column_hash(trainer.train_dataset, "ref_logps"),
+            }
+        return self._identity
+
+    # --- save ---
+
+    def snapshot(self) -> dict[str, Any]:
+        plugin = self.plugin
+        return {
+            "format": STATE_FORMAT,
+            "metrics": copy.deepcopy(plugin.metrics.state_dict()),
+            "total_train_tokens": plugin.loss_hook.total_train_tokens,
+            **self.reference_identity(),
+        }
+
+    def _export(self, state: Any) -> None:
+        if isinstance(state.stateful_callbacks, dict) and self.plugin.trainer is not None:
+            state.stateful_callbacks[STATE_KEY] = self.snapshot()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._export(state)
+
+    def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._export(state)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._export(state)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._export(state)
+
+    # --- restore ---
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._identity = None
+        callbacks = state.stateful_callbacks
+        saved = callbacks.get(STATE_KEY) if isinstance(callbacks, dict) else None
+        if not saved or state.global_step == 0:
+            return
+        if saved.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"The checkpoint holds kto_plugin state of format {saved.get('format')!r}; this version reads "
+                f"format {STATE_FORMAT}. Resume with the kto_plugin version that wrote it."
+            )
+        self._check_reference(saved, state.global_step)
+        plugin = self.plugin
+        plugin.metrics.load_state_dict(copy.deepcopy(saved["metrics"]))
+        plugin.loss_hook.total_train_tokens = saved["total_train_tokens"]
+        logger.info(
+            "kto_plugin: resumed at step %d with the checkpoint's metrics and token count", state.global_step
+        )
+
+    def _check_reference(self, saved: dict[str, Any], step: int) -> None:
+        now = self.reference_identity()
+        if saved.get("reference_kind") and saved["reference_kind"] != now["reference_kind"]:
+            raise ValueError(
+                f"Resuming at step {step}: the reference is now {now['reference']!r}, but the checkpoint was "
+                f"trained against {saved['reference']!r}. The reference must be the initial policy, as in the "
+                "first run: build the model as for the first run (e.g. the base model with a fresh adapter, not "
+                "the checkpoint's adapter or weights) with the same KTOConfig, ref_model and ref_adapter_name, "
+                "and let trainer.train(resume_from_checkpoint=...) load the checkpoint."
+            )
+        was, now_fp = saved.get("reference_model"), now["reference_model"]
+        if was and now_fp and was != now_fp:
+            raise ValueError(
+                f"Resuming at step {step}: the reference model differs from the one the checkpoint was "
+                "trained against. A frozen copy (of the model or of its adapter) is taken from the model the "
+                "Trainer holds at kto.attach(trainer), which must be the initial policy: build the model as "
+                "for the first run (e.g. from_pretrained(<base model>), not from the checkpoint directory) "
+                "and let trainer.train(resume_from_checkpoint=...) load the checkpoint's weights. With "
+                "ref_model=, pass the same reference as before."
+            )
+        if saved.get("ref_logps") and now["ref_logps"] and saved["ref_logps"] != now["ref_logps"]:
+            raise ValueError(
+                f"Resuming at step {step}: the precomputed reference log-probs of the train dataset differ "
+                "from those the checkpoint was trained with (precompute_ref_log_probs=True computes them at "
+                "kto.attach(trainer) from the model the Trainer holds then). Build the model as for the first "
+                "run (the initial policy, not the checkpoint's weights), with the same train dataset and "
+                "per_device_train_batch_size, and let trainer.train(resume_from_checkpoint=...) load the "
+                "checkpoint."
+            )
