@@ -41,7 +41,7 @@ class DataReport:
     n_undesirable: int = 0
     dropped_prompt_too_long: int = 0
     truncated: int = 0  # rows whose prompt+completion exceeds max_length (cut in the collator)
-    completion_truncated: int = 0  # rows whose completion was cut to max_completion_length
+    completion_limited: int = 0  # rows whose completion was cut to max_completion_length
     prompt_boundary_mismatch: int = 0  # rows whose tokenized prompt is not a prefix of prompt+completion
     notes: list[str] = field(default_factory=list)
 
@@ -52,8 +52,8 @@ class DataReport:
         ]
         if self.dropped_prompt_too_long:
             parts.append(f"{self.dropped_prompt_too_long} dropped (prompt alone >= max_length)")
-        if self.completion_truncated:
-            parts.append(f"{self.completion_truncated} completions cut to max_completion_length")
+        if self.completion_limited:
+            parts.append(f"{self.completion_limited} completions cut to max_completion_length")
         if self.truncated:
             parts.append(f"{self.truncated} truncated to max_length")
         if self.prompt_boundary_mismatch:
@@ -268,7 +268,7 @@ def prepare_split(
     prompt_lengths = tokenized["_prompt_len"]
     completion_lengths = tokenized["_completion_len"]
     report.prompt_boundary_mismatch = sum(tokenized["_mismatch"])
-    report.completion_truncated = sum(tokenized["_completion_cut"])
+    report.completion_limited = sum(tokenized["_completion_cut"])
     tokenized = tokenized.remove_columns(["_mismatch", "_completion_cut", "_prompt_len", "_completion_len"])
     if max_length is not None:
         keep_rows = [i for i, n in enumerate(prompt_lengths) if n < max_length]

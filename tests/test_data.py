@@ -130,5 +130,5 @@ def test_max_completion_length_keeps_the_first_tokens_and_counts(rows, tokenizer
     assert cut["completion_ids"] == [c[:5] for c in full["completion_ids"]]
     n_long = sum(len(c) > 5 for c in full["completion_ids"])
     assert n_long > 0
-    assert kto.data_reports["train"].completion_truncated == n_long
+    assert kto.data_reports["train"].completion_limited == n_long
     assert "completions cut to max_completion_length" in kto.data_reports["train"].summary()
