@@ -232,9 +232,9 @@ class KTOPlugin:
         self.plugins.check()
         self.needs_kl = self.loss_hook.needs_kl = self.collator.build_kl = self.plugins.needs_kl(self.config)
         self._validate(trainer)
+        self._load_named_reference(trainer.accelerator.unwrap_model(trainer.model))  # may fail: before any change
         self._wrap_attached_model(trainer)
         policy = trainer.accelerator.unwrap_model(trainer.model)
-        self._load_named_reference(policy)
 
         saved = self._saved
         saved["compute_loss_func"] = trainer.compute_loss_func
