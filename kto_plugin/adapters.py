@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -194,7 +194,18 @@ class AdapterHost:
                 layer.set_adapter(active)
                 layer.enable_adapters(not disabled)
 
-    # --- a frozen copy of an adapter, and its removal ---
+    def activate(self, name: str) -> None:
+        """Make adapter `name` the active, trainable one (peft's `set_adapter`: the other adapters' weights stop
+        requiring grad). Callers snapshot the previous state to undo it (`active`, `requires_grad` flags)."""
+        if name not in self.names:
+            raise ValueError(f"{name!r} is not an adapter of the model; it has {self.names}.")
+        if self.kind == "peft":
+            self.model.set_adapter(name)
+            return
+        for layer in self.layers():
+            layer.set_adapter(name)
+
+        # --- a frozen copy of an adapter, and its removal ---
 
     def copy_adapter(self, source: str, target: str) -> None:
         """Add adapter `target` as a frozen, bit-identical copy of adapter `source`.
@@ -262,6 +273,36 @@ class AdapterHost:
         for p, flag in grads:
             if id(p) in alive:
                 p.requires_grad_(flag)
+
+
+def activate_trained_adapter(model: nn.Module, name: str) -> Callable[[], None]:
+    """Make adapter `name` of `model` the active, trainable one (`model_adapter_name`); returns the function that
+    restores the previously active adapter(s) and every `requires_grad` flag."""
+    host = AdapterHost.of(model)
+    if host is None:
+        raise ValueError(
+            f"model_adapter_name={name!r} needs a model with PEFT adapters, but the trainer's model is a "
+            f"{type(model).__name__} without adapters. Wrap it (peft.get_peft_model or peft_config=) first."
+        )
+    if name not in host.names:
+        raise ValueError(
+            f"model_adapter_name={name!r} is not an adapter of the model; it has {host.names}. Load it first, "
+            f"e.g. model.load_adapter(path, adapter_name={name!r}, is_trainable=True), or pass one of those names."
+        )
+    previous = host.active
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    host.activate(name)
+
+    def restore() -> None:
+        if len(previous) == 1:
+            host.activate(previous[0])
+        else:  # several active adapters (only a tuner-level set_adapter makes that): restore each layer
+            for layer in host.layers():
+                layer.set_adapter(previous)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+    return restore
 
 
 def _rename(param_name: str, source: str, target: str) -> str:

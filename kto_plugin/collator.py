@@ -65,7 +65,8 @@ class KTOCollator:
 
         {"input_ids": (B, T), "attention_mask": (B, T), **model_kwargs,
          "labels": KTOLabels(label=(B,) bool, input_ids=(B, T), attention_mask=(B, T),
-                             completion_labels=(B, T) token id on completion tokens, -100 elsewhere,
+                             completion_labels=(B, T) token id on completion tokens, label_pad_token_id
+                                                 (-100) elsewhere,
                              kl_input_ids=(B, T'), kl_attention_mask=(B, T'), kl_completion_labels=(B, T'),
                              ref_logps_bits=(B,), ref_kl_logps_bits=(B,),  # only if precomputed
                              row_index=(B,))}  # only if the rows carry an integer `row_index`
@@ -79,7 +80,8 @@ class KTOCollator:
     is the one whose reference log-prob was precomputed, whatever the sampler. Precomputed ``ref_logps`` and
     ``ref_kl_logps`` columns travel as float32 bit patterns (`float32_as_bits`). Rows are cut to
     `max_length` keeping the start (TRL 1.16); with ``truncation_mode="keep_end"`` the end of the prompt and
-    the whole completion are kept instead.
+    the whole completion are kept instead. For an encoder-decoder model (`encoder_decoder`, set at attach) the
+    prompt is the encoder input and the completion the decoder's, see `_encoder_decoder_side`.
 
     Worked example (pad 0, no max_length)::
 
@@ -96,12 +98,18 @@ class KTOCollator:
         truncation_mode: str = "keep_start",
         pad_to_multiple_of: int | None = None,
         build_kl: bool = True,
+        label_pad_token_id: int = IGNORE_INDEX,
     ) -> None:
         self.pad_token_id = pad_token_id
+        self.label_pad_token_id = label_pad_token_id
         self.max_length = max_length
         self.truncation_mode = truncation_mode
         self.pad_to_multiple_of = pad_to_multiple_of
         self.build_kl = build_kl
+        # encoder-decoder models (set by `KTOPlugin.attach` from `model.config.is_encoder_decoder`): the prompt
+        # goes to the encoder, the completion is the decoder's input (shifted right) and its labels
+        self.encoder_decoder = False
+        self.decoder_start_token_id: int | None = None
         # Keyword arguments for the model call (e.g. output_hidden_states); set by `KTOPlugin.attach`.
         self.model_kwargs: dict[str, Any] = {}
 
@@ -116,14 +124,60 @@ class KTOCollator:
                 prompt, completion = prompt[:1], completion[: limit - 1]
             else:
                 prompt, completion = prompt[:limit], completion[: max(0, limit - len(prompt))]
-        return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+        return prompt + completion, [self.label_pad_token_id] * len(prompt) + completion
 
     def _side(self, prompts: list, completions: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         joined = [self._join(p, c) for p, c in zip(prompts, completions)]
         ids = pad([j[0] for j in joined], self.pad_token_id, self.pad_to_multiple_of)
-        labels = pad([j[1] for j in joined], IGNORE_INDEX, self.pad_to_multiple_of)
+        labels = pad([j[1] for j in joined], self.label_pad_token_id, self.pad_to_multiple_of)
         mask = pad([[1] * len(j[0]) for j in joined], 0, self.pad_to_multiple_of)
         return ids, mask, labels
+
+    def _cut(self, ids: Sequence[int], keep_end: bool) -> list[int]:
+        ids, limit = list(ids), self.max_length
+        if limit is None or len(ids) <= limit:
+            return ids
+        return ids[len(ids) - limit :] if keep_end else ids[:limit]
+
+    def _encoder_decoder_side(self, prompts: list, completions: list) -> dict[str, torch.Tensor]:
+        """Encoder inputs from the prompts; decoder inputs and labels from the completions.
+
+        Each side is cut to `max_length` on its own: the prompt keeps its start (its end with
+        ``truncation_mode="keep_end"``), the completion its start. `completion_labels` is (B, 1 + Tc): column 0
+        is `label_pad_token_id` and column t + 1 is the completion token that decoder position t predicts, so
+        the log-prob code reads it exactly as a decoder-only batch (position t scores label t + 1).
+
+        Worked example (pad 0, decoder start 0, label pad M)::
+
+            rows              [1 2 | 3 4], [5 | 6]
+            input_ids         [[1 2], [5 0]]        (encoder)
+            decoder_input_ids [[0 3], [0 0]]        (start token, then the completion shifted right)
+            completion_labels [[M 3 4], [M 6 M]]
+        """
+        if self.decoder_start_token_id is None:
+            raise ValueError(
+                "The encoder-decoder model's config has no decoder_start_token_id: set "
+                "model.config.decoder_start_token_id (T5: the pad id; BART: the EOS id)."
+            )
+        keep_end = self.truncation_mode == "keep_end"
+        prompts = [self._cut(p, keep_end) for p in prompts]
+        completions = [self._cut(c, False) for c in completions]
+        decoder_input_ids = pad(
+            [[self.decoder_start_token_id] + c[:-1] for c in completions], self.pad_token_id, self.pad_to_multiple_of
+        )
+        # one column wider than the decoder (the leading label pad), whatever pad_to_multiple_of made the width
+        completion_labels = torch.full(
+            (len(completions), decoder_input_ids.shape[1] + 1), self.label_pad_token_id, dtype=torch.long
+        )
+        for i, c in enumerate(completions):
+            completion_labels[i, 1 : 1 + len(c)] = torch.as_tensor(c, dtype=torch.long)
+        return {
+            "input_ids": pad(prompts, self.pad_token_id, self.pad_to_multiple_of),
+            "attention_mask": pad([[1] * len(p) for p in prompts], 0, self.pad_to_multiple_of),
+            "decoder_input_ids": decoder_input_ids,
+            "decoder_attention_mask": pad([[1] * len(c) for c in completions], 0, self.pad_to_multiple_of),
+            "completion_labels": completion_labels,
+        }
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for key in ("prompt_ids", "completion_ids", "label"):
@@ -142,6 +196,12 @@ class KTOCollator:
             )
         prompts = [r["prompt_ids"] for r in rows]
         completions = [r["completion_ids"] for r in rows]
+        if stored_partners:
+            kl_completions = [r["kl_completion_ids"] for r in rows]
+        else:
+            kl_completions = completions[-1:] + completions[:-1]
+        if self.encoder_decoder:
+            return self._encoder_decoder_batch(rows, prompts, completions, kl_completions)
         input_ids, attention_mask, completion_labels = self._side(prompts, completions)
         labels = KTOLabels(
             label=torch.tensor([bool(r["label"]) for r in rows], dtype=torch.bool),
@@ -150,15 +210,27 @@ class KTOCollator:
             completion_labels=completion_labels,
         )
         if self.build_kl:
-            if stored_partners:
-                kl_completions = [r["kl_completion_ids"] for r in rows]
-            else:
-                kl_completions = completions[-1:] + completions[:-1]
             kl_ids, kl_mask, kl_labels = self._side(prompts, kl_completions)
             labels.update(kl_input_ids=kl_ids, kl_attention_mask=kl_mask, kl_completion_labels=kl_labels)
+        self._add_row_columns(rows, labels)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **self.model_kwargs, "labels": labels}
+
+    @staticmethod
+    def _add_row_columns(rows: Sequence[dict[str, Any]], labels: KTOLabels) -> None:
+        """Per-row columns the loss hook reads: ``row_index`` and precomputed reference log-probs (as bits)."""
         if "row_index" in rows[0] and all(isinstance(r["row_index"], int) for r in rows):
             labels["row_index"] = torch.tensor([r["row_index"] for r in rows], dtype=torch.long)
         for key in ("ref_logps", "ref_kl_logps"):
             if key in rows[0]:
                 labels[f"{key}_bits"] = float32_as_bits([r[key] for r in rows])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, **self.model_kwargs, "labels": labels}
+
+    def _encoder_decoder_batch(self, rows, prompts, completions, kl_completions) -> dict[str, Any]:
+        """The batch for an encoder-decoder model: KL pairs are prompt i (encoder) with completion i - 1 (decoder)."""
+        side = self._encoder_decoder_side(prompts, completions)
+        labels = KTOLabels(label=torch.tensor([bool(r["label"]) for r in rows], dtype=torch.bool), **side)
+        if self.build_kl:
+            kl = self._encoder_decoder_side(prompts, kl_completions)
+            labels.update({f"kl_{key}": value for key, value in kl.items()})
+        self._add_row_columns(rows, labels)
+        inputs = {k: side[k] for k in ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")}
+        return {**inputs, **self.model_kwargs, "labels": labels}

@@ -41,6 +41,16 @@ _SUM_KEYS = (
 )
 
 
+def decoder_inputs(labels: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The decoder inputs of an encoder-decoder batch (`prefix` "kl_" for the KL batch); empty otherwise."""
+    if f"{prefix}decoder_input_ids" not in labels:
+        return {}
+    return {
+        "decoder_input_ids": labels[f"{prefix}decoder_input_ids"],
+        "decoder_attention_mask": labels[f"{prefix}decoder_attention_mask"],
+    }
+
+
 def _to_device(labels: Any, device: Any) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in labels.items()}
 
@@ -144,7 +154,7 @@ class KTOComputeLoss:
         if mode == "eval":
             self.eval_batch = EvalBatch(
                 policy.logps.detach(), reference_logps.detach(), outputs, policy_head, self.policy_path.use_hidden,
-                labels["input_ids"].shape[1],
+                labels.get("decoder_input_ids", labels["input_ids"]).shape[1],
             )
         return loss
 
@@ -152,6 +162,7 @@ class KTOComputeLoss:
         """Policy and reference log-probs (B,) of the KL (mismatched) batch; call under no-grad."""
         policy_kl = self.policy_path.forward(
             model, policy_head, labels["kl_input_ids"], labels["kl_attention_mask"], labels["kl_completion_labels"],
+            **decoder_inputs(labels, "kl_"),
         ).logps
         if "ref_logps_bits" in labels:
             if "ref_kl_logps_bits" not in labels:
@@ -165,7 +176,7 @@ class KTOComputeLoss:
             ref_head = lm_head_of(trainer.accelerator.unwrap_model(ref_module))
             reference_kl = self.reference_path.forward(
                 ref_module, ref_head, labels["kl_input_ids"], labels["kl_attention_mask"],
-                labels["kl_completion_labels"],
+                labels["kl_completion_labels"], **decoder_inputs(labels, "kl_"),
             ).logps
         return policy_kl, reference_kl
 
@@ -233,12 +244,12 @@ class KTOComputeLoss:
             ref_head = lm_head_of(trainer.accelerator.unwrap_model(ref_module))
             reference_logps = self.reference_path.forward(
                 ref_module, ref_head, labels["input_ids"], labels["attention_mask"],
-                labels["completion_labels"],
+                labels["completion_labels"], **decoder_inputs(labels),
             ).logps
             if self.needs_kl and with_kl:
                 reference_kl = self.reference_path.forward(
                     ref_module, ref_head, labels["kl_input_ids"], labels["kl_attention_mask"],
-                    labels["kl_completion_labels"],
+                    labels["kl_completion_labels"], **decoder_inputs(labels, "kl_"),
                 ).logps
         return reference_logps, reference_kl
 

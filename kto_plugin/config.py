@@ -80,9 +80,30 @@ class KTOConfig:
             "choices": list(TRUNCATION_MODES),
         },
     )
+    max_completion_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Maximum completion tokens (documented KTOTrainer API): longer completions keep their first "
+            "tokens, cut at preparation and counted. None: no separate completion limit."
+        },
+    )
     pad_to_multiple_of: int | None = field(
         default=None,
         metadata={"help": "Pad every batch to a multiple of this many tokens. None: pad to the longest row."},
+    )
+    label_pad_token_id: int = field(
+        default=-100,
+        metadata={
+            "help": "Value of the batch's completion labels at non-completion positions (prompt and padding), as in "
+            "the documented KTOTrainer API. Must be negative, so it can never equal a real token id."
+        },
+    )
+    padding_value: int | None = field(
+        default=None,
+        metadata={
+            "help": "Token id that pads input_ids (documented KTOTrainer API; masked out by the attention mask). "
+            "None: the tokenizer's pad token."
+        },
     )
     dataset_num_proc: int | None = field(
         default=None,
@@ -124,6 +145,29 @@ class KTOConfig:
             "choices": list(PEFT_REFERENCES),
         },
     )
+    is_encoder_decoder: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Whether the model is an encoder-decoder (T5, BART): the prompt goes to the encoder, the "
+            "completion is the decoder's labels (documented KTOTrainer API). None: read from "
+            "model.config.is_encoder_decoder at attach(). True also makes prepare_dataset tokenize plain-text "
+            "prompts and completions separately (each with the tokenizer's special tokens, e.g. T5's EOS)."
+        },
+    )
+    model_adapter_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "With several PEFT adapters loaded: the one to train (documented KTOTrainer API). It is made the "
+            "active, trainable adapter at attach() and is active for every policy forward. None: the active one."
+        },
+    )
+    ref_adapter_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A PEFT adapter of the policy that is the reference, active only for reference passes (same as "
+            "KTOPlugin(ref_adapter_name=...)). None: an adapter named 'ref', else see peft_reference."
+        },
+    )
     sync_ref_model: bool = field(
         default=False,
         metadata={"help": "TR-DPO style: mix the policy into the reference every ref_model_sync_steps steps."},
@@ -145,6 +189,14 @@ class KTOConfig:
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={"help": "Keyword arguments (dict or JSON string) for `from_pretrained` when a model is named."},
+    )
+    ref_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments (dict or JSON string) for `from_pretrained` when ref_model is given as a name "
+            "or path (documented KTOTrainer API), e.g. {\"torch_dtype\": \"bfloat16\"}. None: model_init_kwargs, "
+            "with the policy's dtype unless a dtype is named."
+        },
     )
     trust_remote_code: bool = field(
         default=False,
@@ -187,14 +239,18 @@ class KTOConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.model_init_kwargs, str):
-            try:
-                self.model_init_kwargs = json.loads(self.model_init_kwargs)
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"KTOConfig.model_init_kwargs must be a dict or a JSON object string, got "
-                    f"{self.model_init_kwargs!r} ({err})."
-                ) from None
+        for name in ("model_init_kwargs", "ref_model_init_kwargs"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as err:
+                    raise ValueError(
+                        f"KTOConfig.{name} must be a dict or a JSON object string, got {value!r} ({err})."
+                    ) from None
+                setattr(self, name, value)
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"KTOConfig.{name} must be a dict or a JSON object string, got {value!r}.")
         if not isinstance(self.loss_type, str) or not self.loss_type:
             raise ValueError(f"KTOConfig.loss_type must be a non-empty string, got {self.loss_type!r}.")
         if not self.beta > 0:
@@ -205,7 +261,10 @@ class KTOConfig:
                 raise ValueError(f"KTOConfig.{name} must be >= 0, got {value}.")
         if self.desirable_weight == 0 and self.undesirable_weight == 0:
             raise ValueError("KTOConfig.desirable_weight and undesirable_weight are both 0: nothing would train.")
-        for name in ("max_length", "max_prompt_length", "pad_to_multiple_of", "precompute_ref_batch_size"):
+        for name in (
+            "max_length", "max_prompt_length", "max_completion_length", "pad_to_multiple_of",
+            "precompute_ref_batch_size",
+        ):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"KTOConfig.{name} must be a positive integer or None, got {value!r}.")
@@ -217,6 +276,30 @@ class KTOConfig:
                     f"KTOConfig.max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                     f"({self.max_length}), or no completion token would fit."
                 )
+        if isinstance(self.label_pad_token_id, bool) or not isinstance(self.label_pad_token_id, int) or (
+            self.label_pad_token_id >= 0
+        ):
+            raise ValueError(
+                f"KTOConfig.label_pad_token_id must be a negative integer, got {self.label_pad_token_id!r}: a value "
+                ">= 0 is a real token id, and completion tokens with that id would be dropped from the loss. The "
+                "documented default is -100."
+            )
+        if self.padding_value is not None and (
+            isinstance(self.padding_value, bool) or not isinstance(self.padding_value, int) or self.padding_value < 0
+        ):
+            raise ValueError(
+                f"KTOConfig.padding_value must be a token id (an integer >= 0) or None for the tokenizer's pad "
+                f"token, got {self.padding_value!r}."
+            )
+        for name in ("model_adapter_name", "ref_adapter_name"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"KTOConfig.{name} must be an adapter name (a non-empty string) or None, got {value!r}.")
+        if self.model_adapter_name is not None and self.model_adapter_name == self.ref_adapter_name:
+            raise ValueError(
+                f"KTOConfig.model_adapter_name and ref_adapter_name are both {self.model_adapter_name!r}: the trained "
+                "adapter cannot also be the fixed reference. Name two different adapters."
+            )
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(
                 f"KTOConfig.truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}."

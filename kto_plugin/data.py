@@ -41,6 +41,7 @@ class DataReport:
     n_undesirable: int = 0
     dropped_prompt_too_long: int = 0
     truncated: int = 0  # rows whose prompt+completion exceeds max_length (cut in the collator)
+    completion_limited: int = 0  # rows whose completion was cut to max_completion_length
     prompt_boundary_mismatch: int = 0  # rows whose tokenized prompt is not a prefix of prompt+completion
     notes: list[str] = field(default_factory=list)
 
@@ -51,6 +52,8 @@ class DataReport:
         ]
         if self.dropped_prompt_too_long:
             parts.append(f"{self.dropped_prompt_too_long} dropped (prompt alone >= max_length)")
+        if self.completion_limited:
+            parts.append(f"{self.completion_limited} completions cut to max_completion_length")
         if self.truncated:
             parts.append(f"{self.truncated} truncated to max_length")
         if self.prompt_boundary_mismatch:
@@ -93,8 +96,23 @@ def _as_dataset(data: Any, name: str = "train") -> Any:
     )
 
 
+IMAGE_COLUMNS = ("images", "image")
+VLM_ALTERNATIVE = (
+    "kto_plugin trains text-only language models (decoder-only or encoder-decoder). For KTO on a vision-language "
+    "model, use TRL 1.16's KTOTrainer, which takes rows with 'images' and a processor and builds the KL batch with "
+    "its vision collator."
+)
+
+
 def validate_columns(column_names: Sequence[str], name: str) -> None:
-    """Raise a clear error for a missing `prompt`/`completion`/`label` column, with the closest name present."""
+    """Raise a clear error for a missing `prompt`/`completion`/`label` column, with the closest name present, and
+    for image columns (vision-language rows are not supported)."""
+    images = [c for c in IMAGE_COLUMNS if c in column_names]
+    if images:
+        raise NotImplementedError(
+            f"{name} dataset has an image column {images[0]!r}: vision-language rows are not supported. "
+            f"{VLM_ALTERNATIVE} To train on the text alone, drop it first: dataset.remove_columns({images[0]!r})."
+        )
     for column in REQUIRED_COLUMNS:
         if column not in column_names:
             raise ValueError(
@@ -137,7 +155,10 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _tokenize_batch(batch: Mapping[str, list], tokenizer: Any, max_prompt_length: int | None) -> dict[str, list]:
+def _tokenize_batch(
+    batch: Mapping[str, list], tokenizer: Any, max_prompt_length: int | None, max_completion_length: int | None = None,
+    separate: bool = False,
+) -> dict[str, list]:
     prompts, completions = batch["prompt"], batch["completion"]
     if is_conversational(prompts[0]):
         tools_column = batch.get("tools")
@@ -158,8 +179,16 @@ def _tokenize_batch(batch: Mapping[str, list], tokenizer: Any, max_prompt_length
         full_texts = [p + c for p, c in zip(prompts, completions)]
         special = True
     prompt_ids = tokenizer(prompt_texts, add_special_tokens=special)["input_ids"]
-    full_ids = tokenizer(full_texts, add_special_tokens=special)["input_ids"]
-    out_prompt, out_completion, mismatch = [], [], []
+    if separate and special:
+        # encoder-decoder: prompt and completion are separate sequences, each with the tokenizer's special tokens
+        # (a T5 tokenizer appends EOS to both); the completion keeps exactly one EOS at its end
+        eos_id = tokenizer.eos_token_id
+        completion_ids = tokenizer([c.removesuffix(tokenizer.eos_token) for c in completions])["input_ids"]
+        completion_ids = [c if c and c[-1] == eos_id else c + [eos_id] for c in completion_ids]
+        full_ids = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    else:
+        full_ids = tokenizer(full_texts, add_special_tokens=special)["input_ids"]
+    out_prompt, out_completion, mismatch, cut = [], [], [], []
     for p_ids, f_ids in zip(prompt_ids, full_ids):
         n = _common_prefix(p_ids, f_ids)
         mismatch.append(n < len(p_ids))
@@ -168,12 +197,18 @@ def _tokenize_batch(batch: Mapping[str, list], tokenizer: Any, max_prompt_length
             # keep the end of the prompt (the turns nearest the completion), and a leading BOS if there is one
             head = prompt[:1] if prompt[0] == tokenizer.bos_token_id else []
             prompt = head + prompt[len(prompt) - max_prompt_length + len(head) :]
+        completion = f_ids[n:]
+        # documented KTOTrainer meaning: the completion keeps its first max_completion_length tokens
+        cut.append(max_completion_length is not None and len(completion) > max_completion_length)
+        if cut[-1]:
+            completion = completion[:max_completion_length]
         out_prompt.append(prompt)
-        out_completion.append(f_ids[n:])
+        out_completion.append(completion)
     return {
         "prompt_ids": out_prompt,
         "completion_ids": out_completion,
         "_mismatch": mismatch,
+        "_completion_cut": cut,
         "_prompt_len": [len(p) for p in out_prompt],
         "_completion_len": [len(c) for c in out_completion],
     }
@@ -189,6 +224,8 @@ def prepare_split(
     max_length: int | None,
     max_prompt_length: int | None,
     num_proc: int | None,
+    max_completion_length: int | None = None,
+    separate: bool = False,
 ) -> tuple[datasets.Dataset, DataReport]:
     """Validate and tokenize one split; returns the prepared split and its report."""
     report = DataReport(name=name, rows_in=len(dataset))
@@ -219,14 +256,20 @@ def prepare_split(
         batched=True,
         batch_size=_MAP_BATCH,
         num_proc=num_proc,
-        fn_kwargs={"tokenizer": tokenizer, "max_prompt_length": max_prompt_length},
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "max_prompt_length": max_prompt_length,
+            "max_completion_length": max_completion_length,
+            "separate": separate,
+        },
         remove_columns=[c for c in dataset.column_names if c not in keep],
         desc=f"Tokenizing {name} dataset",
     )
     prompt_lengths = tokenized["_prompt_len"]
     completion_lengths = tokenized["_completion_len"]
     report.prompt_boundary_mismatch = sum(tokenized["_mismatch"])
-    tokenized = tokenized.remove_columns(["_mismatch", "_prompt_len", "_completion_len"])
+    report.completion_limited = sum(tokenized["_completion_cut"])
+    tokenized = tokenized.remove_columns(["_mismatch", "_completion_cut", "_prompt_len", "_completion_len"])
     if max_length is not None:
         keep_rows = [i for i, n in enumerate(prompt_lengths) if n < max_length]
         report.dropped_prompt_too_long = len(tokenized) - len(keep_rows)

@@ -128,15 +128,17 @@ class _ChunkedCompletionLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
-def completion_index(completion_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def completion_index(
+    completion_labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows, positions and targets of every scored token.
 
-    `completion_labels` is (B, T) with the token id where the token is a completion token and -100 elsewhere.
-    The logits at position t predict token t + 1, so position t is scored when label t + 1 is not -100.
-    Returns `(rows, positions, targets)`, each (N,).
+    `completion_labels` is (B, T) with the token id where the token is a completion token and `ignore_index`
+    (`KTOConfig.label_pad_token_id`, -100) elsewhere. The logits at position t predict token t + 1, so position t
+    is scored when label t + 1 is not `ignore_index`. Returns `(rows, positions, targets)`, each (N,).
     """
     shifted = completion_labels[:, 1:]
-    rows, positions = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
+    rows, positions = (shifted != ignore_index).nonzero(as_tuple=True)
     return rows, positions, shifted[rows, positions]
 
 
@@ -149,11 +151,12 @@ def logps_from_hidden(
     lm_head: nn.Module,
     completion_labels: torch.Tensor,
     with_stats: bool = False,
+    ignore_index: int = IGNORE_INDEX,
 ) -> SequenceLogps:
     """Summed completion log-probs from final hidden states (B, T', H); T' >= T keeps the last T positions."""
     batch_size, seq_len = completion_labels.shape
     hidden = hidden[:, -seq_len:]  # prompt-learning adapters prepend virtual tokens
-    rows, positions, targets = completion_index(completion_labels)
+    rows, positions, targets = completion_index(completion_labels, ignore_index)
     weight = lm_head.weight
     bias = getattr(lm_head, "bias", None)
     token_hidden = hidden[rows, positions].to(weight.device)
@@ -164,12 +167,13 @@ def logps_from_hidden(
 
 
 def logps_from_logits(
-    logits: torch.Tensor, completion_labels: torch.Tensor, with_stats: bool = False
+    logits: torch.Tensor, completion_labels: torch.Tensor, with_stats: bool = False,
+    ignore_index: int = IGNORE_INDEX,
 ) -> SequenceLogps:
     """Summed completion log-probs from the model's own logits (B, T', V), a chunk of positions at a time."""
     batch_size, seq_len = completion_labels.shape
     logits = logits[:, -seq_len:]
-    rows, positions, targets = completion_index(completion_labels)
+    rows, positions, targets = completion_index(completion_labels, ignore_index)
     step = _chunk_tokens(logits.shape[-1], logits.device)
     parts, entropies, means = [], [], []
     for start in range(0, rows.numel(), step):
@@ -205,6 +209,8 @@ class LogpsPath:
     def __init__(self, use_hidden: bool, reason: str = "") -> None:
         self.use_hidden = use_hidden
         self.reason = reason
+        # the completion labels' value at non-completion positions (`KTOConfig.label_pad_token_id`)
+        self.ignore_index = IGNORE_INDEX
 
     @property
     def name(self) -> str:
@@ -221,8 +227,8 @@ class LogpsPath:
     ) -> SequenceLogps:
         hidden_states = getattr(outputs, "hidden_states", None)
         if self.use_hidden and hidden_states is not None and lm_head is not None:
-            return logps_from_hidden(hidden_states[-1], lm_head, completion_labels, with_stats)
-        return logps_from_logits(outputs.logits, completion_labels, with_stats)
+            return logps_from_hidden(hidden_states[-1], lm_head, completion_labels, with_stats, self.ignore_index)
+        return logps_from_logits(outputs.logits, completion_labels, with_stats, self.ignore_index)
 
     def forward(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,7 +13,7 @@ from .collator import KTOCollator
 from .compat import TrainerCompat, check_liger
 from .compute_loss import KTOComputeLoss
 from .config import KTOConfig
-from .data import DataReport, _as_dataset, prepare_split
+from .data import VLM_ALTERNATIVE, DataReport, _as_dataset, prepare_split
 from .generation import KTOGenerationCallback
 from .guidance import Adviser, attach_advice, label_counts
 from .logprobs import LogpsPath, choose_path
@@ -20,7 +21,16 @@ from .metrics import KTOMetricsCallback, MetricsAccumulator
 from .nonfinite import NonFiniteGuard, NonFiniteSkipCallback
 from .offload import ActivationOffloader, wrap_training_step
 from .plugin_manager import KTOPluginManager
-from .adapters import AdapterHost
+from .adapters import AdapterHost, activate_trained_adapter
+from .models import (
+    check_architecture,
+    decoder_start_token_id,
+    is_model_name,
+    is_vision_language,
+    load_pretrained,
+    wrap_trainer_model,
+    wrap_with_peft,
+)
 from .precompute import ReferencePrecomputer, default_cache_dir
 from .reference import ReferenceManager, disable_dropout, preserved_state
 from .resume import ResumeCallback
@@ -31,6 +41,15 @@ from .sync import ReferenceSyncCallback, sync_pairs
 logger = logging.getLogger("kto_plugin")
 
 _MISSING = object()
+
+
+def _one_of(name: str, argument: Any, configured: Any) -> Any:
+    """The value given to KTOPlugin or in KTOConfig (the documented API has it there); refuses two different ones."""
+    if argument is not None and configured is not None and argument != configured:
+        raise ValueError(
+            f"{name} is {argument!r} in KTOPlugin(...) but {configured!r} in KTOConfig: give it in one place."
+        )
+    return argument if argument is not None else configured
 
 
 class KTOPlugin:
@@ -47,11 +66,18 @@ class KTOPlugin:
     Args:
         config: KTO settings; default `KTOConfig()`.
         tokenizer: the policy's tokenizer (its pad token pads batches; EOS ends plain-text completions).
-        ref_model: a separate reference model. None: the initial policy: a frozen copy of a plain model; for a
+        ref_model: a separate reference model, or its name or path (loaded with `from_pretrained` at `attach()`,
+            with `KTOConfig.ref_model_init_kwargs`, else `model_init_kwargs`, in the policy's dtype unless one is
+            named). None: the initial policy: a frozen copy of a plain model; for a
             PEFT model the base model with the adapter off, or a frozen copy of an already-trained adapter
             (`KTOConfig.peft_reference`); with `precompute_ref_log_probs`, no reference model at all.
         ref_adapter_name: a PEFT adapter of the policy to use as the reference (an adapter named ``"ref"``
             is used by convention when present).
+        peft_config: a `peft.PeftConfig` (e.g. `LoraConfig`): the plugin wraps the model with `get_peft_model`,
+            either in `wrap_model(model)` before the Trainer is built (needed for quantized models and for
+            `model_init`) or at `attach()`, and the reference is the base model with the adapter off (as TRL).
+        model_adapter_name: with several PEFT adapters loaded, the one to train: made active (and trainable) at
+            `attach()`, active for every policy forward, restored by `detach()`. Also settable in `KTOConfig`.
         plugins: extra pluggy plugins (objects or modules with `@kto_plugin.hookimpl` hooks), called in list
             order before installed (entry-point) plugins and the built-ins. See `kto_plugin.hookspecs`.
     """
@@ -63,6 +89,8 @@ class KTOPlugin:
         ref_model: Any = None,
         ref_adapter_name: str | None = None,
         plugins: Iterable[Any] = (),
+        model_adapter_name: str | None = None,
+        peft_config: Any = None,
     ) -> None:
         if tokenizer is None:
             raise ValueError("KTOPlugin needs the policy's tokenizer: KTOPlugin(config, tokenizer=tokenizer).")
@@ -70,6 +98,23 @@ class KTOPlugin:
         if not isinstance(self.config, KTOConfig):
             raise TypeError(f"config must be a KTOConfig, got {type(self.config).__name__}.")
         self.tokenizer = tokenizer
+        ref_adapter_name = _one_of("ref_adapter_name", ref_adapter_name, self.config.ref_adapter_name)
+        self.model_adapter_name = _one_of("model_adapter_name", model_adapter_name, self.config.model_adapter_name)
+        if self.model_adapter_name is not None and self.model_adapter_name == ref_adapter_name:
+            raise ValueError(
+                f"model_adapter_name and ref_adapter_name are both {ref_adapter_name!r}: the trained adapter cannot "
+                "also be the fixed reference. Name two different adapters."
+            )
+        self._restore_adapter: Any = None
+        self.peft_config = peft_config
+        if peft_config is not None:
+            from peft import PeftConfig
+
+            if not isinstance(peft_config, PeftConfig):
+                raise TypeError(
+                    f"peft_config must be a peft.PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}."
+                )
+        self._wrapped: weakref.WeakSet = weakref.WeakSet()  # models this plugin wrapped with peft_config
         self.plugins = KTOPluginManager(plugins)
         self.needs_kl = self.plugins.needs_kl(self.config)
         if tokenizer.pad_token_id is None:
@@ -80,13 +125,18 @@ class KTOPlugin:
             tokenizer.pad_token = tokenizer.eos_token
             logger.warning("kto_plugin: the tokenizer has no pad token; using its EOS token %r to pad.", tokenizer.eos_token)
         self.collator = KTOCollator(
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=self.config.padding_value if self.config.padding_value is not None else tokenizer.pad_token_id,
+            label_pad_token_id=self.config.label_pad_token_id,
             max_length=self.config.max_length,
             truncation_mode=self.config.truncation_mode,
             pad_to_multiple_of=self.config.pad_to_multiple_of,
             build_kl=self.needs_kl,
         )
-        self.reference = ReferenceManager(ref_model, ref_adapter_name)
+        # a reference named by path is loaded at attach(), when the policy's dtype is known
+        self.ref_model_name = ref_model if is_model_name(ref_model) else None
+        if self.ref_model_name is not None and ref_adapter_name is not None:
+            raise ValueError("Pass either ref_model or ref_adapter_name, not both: each names the reference.")
+        self.reference = ReferenceManager(None if self.ref_model_name is not None else ref_model, ref_adapter_name)
         self.metrics = MetricsAccumulator()
         self.nonfinite = NonFiniteGuard(self.config.on_nonfinite)
         self.loss_hook = KTOComputeLoss(
@@ -128,10 +178,46 @@ class KTOPlugin:
             max_length=self.config.max_length,
             max_prompt_length=self.config.max_prompt_length,
             num_proc=self.config.dataset_num_proc,
+            max_completion_length=self.config.max_completion_length,
+            separate=bool(self.config.is_encoder_decoder),
         )
         self.data_reports[name] = report
         logger.info("kto_plugin: prepared %s", report.summary())
         return prepared
+
+    # --- models ---
+
+    def wrap_model(self, model: Any) -> Any:
+        """The model to give the Trainer: `model` (an instance, or a name/path loaded with `from_pretrained` and
+        `KTOConfig.model_init_kwargs`) wrapped with `peft_config` when one was given.
+
+        Example::
+
+            kto = KTOPlugin(KTOConfig(), tokenizer=tokenizer, peft_config=LoraConfig(r=16, task_type="CAUSAL_LM"))
+            trainer = Trainer(model=kto.wrap_model("path/to/model"), ...)
+        """
+        if is_model_name(model):
+            model = load_pretrained(
+                model, self.config.model_init_kwargs, trust_remote_code=self.config.trust_remote_code
+            )
+        if self.peft_config is None:
+            return model
+        if model in self._wrapped:
+            return model
+        wrapped = wrap_with_peft(model, self.peft_config)
+        self._wrapped.add(wrapped)
+        return wrapped
+
+    def _wrap_attached_model(self, trainer: Any) -> None:
+        """With `peft_config`, wrap the Trainer's model now unless `wrap_model` already did; refuse where the
+        Trainer has already captured the unwrapped model's parameters."""
+        if self.peft_config is None:
+            return
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if model in self._wrapped:
+            return
+        self._wrapped.add(wrap_trainer_model(trainer, model, self.peft_config))
+        logger.info("kto_plugin: wrapped the Trainer's model with peft_config (%s)", type(self.peft_config).__name__)
 
     # --- attach / detach ---
 
@@ -152,6 +238,8 @@ class KTOPlugin:
         self.plugins.check()
         self.needs_kl = self.loss_hook.needs_kl = self.collator.build_kl = self.plugins.needs_kl(self.config)
         self._validate(trainer)
+        self._load_named_reference(trainer.accelerator.unwrap_model(trainer.model))  # may fail: before any change
+        self._wrap_attached_model(trainer)
         policy = trainer.accelerator.unwrap_model(trainer.model)
 
         saved = self._saved
@@ -161,12 +249,13 @@ class KTOPlugin:
         saved["label_names"] = trainer.label_names
         saved["data_collator"] = trainer.data_collator
         saved["collator_model_kwargs"] = self.collator.model_kwargs
+        saved["collator_encoder_decoder"] = (self.collator.encoder_decoder, self.collator.decoder_start_token_id)
         saved["train_dataset"] = trainer.train_dataset
         saved["eval_dataset"] = trainer.eval_dataset
         saved["get_batch_samples"] = trainer.__dict__.get("get_batch_samples", _MISSING)
         saved["training_step"] = trainer.__dict__.get("training_step", _MISSING)
 
-        policy_path = self._bind_model(trainer, policy)
+        policy_path = self._bind_policy(trainer, policy)
 
         trainer.compute_loss_func = self.loss_hook
         # the loss is a per-micro-batch mean: let the Trainer divide by the accumulation steps
@@ -214,6 +303,30 @@ class KTOPlugin:
             self.adviser.give(attach_advice(self.config, trainer, self.needs_kl, is_adapter, counts))
         return trainer
 
+    def _load_named_reference(self, policy: Any) -> None:
+        if self.ref_model_name is None or self.reference.given_ref_model is not None:
+            return
+        config = self.config
+        init = config.ref_model_init_kwargs if config.ref_model_init_kwargs is not None else config.model_init_kwargs
+        self.reference.given_ref_model = load_pretrained(
+            self.ref_model_name, init, trust_remote_code=config.trust_remote_code,
+            default_dtype=getattr(policy, "dtype", None), argument="ref_model",
+        )
+        logger.info("kto_plugin: loaded the reference model from %r", str(self.ref_model_name))
+
+    def _bind_policy(self, trainer: Any, policy: Any) -> LogpsPath:
+        """The architecture and the trained adapter (`model_adapter_name`), then everything else `_bind_model`
+        ties to the policy; the adapter is switched back if that fails."""
+        self._set_architecture(policy)
+        self._activate_model_adapter(policy)
+        try:
+            return self._bind_model(trainer, policy)
+        except BaseException:
+            if self._restore_adapter is not None:
+                self._restore_adapter()
+                self._restore_adapter = None
+            raise
+
     def _bind_model(self, trainer: Any, policy: Any) -> LogpsPath:
         """Everything tied to the policy instance: the reference, the log-prob paths, dropout."""
         aux_coef = router_aux_coef(self.config, policy)  # may refuse: before anything is set up
@@ -221,7 +334,7 @@ class KTOPlugin:
             trainer,
             policy,
             disable_ref_dropout=self.config.disable_dropout,
-            peft_reference=self.config.peft_reference,
+            peft_reference=self._peft_reference(policy),
             precompute=self.config.precompute_ref_log_probs,
         )
         if self.config.sync_ref_model:
@@ -237,6 +350,7 @@ class KTOPlugin:
             if reference_model is not None
             else policy_path
         )
+        policy_path.ignore_index = reference_path.ignore_index = self.config.label_pad_token_id
         self.loss_hook.bind(trainer, policy_path, reference_path)
         self.loss_hook.router_aux_loss_coef = aux_coef
         self.collator.model_kwargs = policy_path.model_kwargs()
@@ -252,6 +366,28 @@ class KTOPlugin:
             module.p = p
         self._restore_dropout = []
         self.reference.teardown()
+        if self._restore_adapter is not None:
+            self._restore_adapter()
+            self._restore_adapter = None
+
+    def _set_architecture(self, policy: Any) -> None:
+        """Encoder-decoder or decoder-only, from the model's config; the collator builds batches to match."""
+        encoder_decoder = check_architecture(policy, self.reference.given_ref_model, self.config.is_encoder_decoder)
+        self.collator.encoder_decoder = encoder_decoder
+        self.collator.decoder_start_token_id = decoder_start_token_id(policy) if encoder_decoder else None
+
+    def _peft_reference(self, policy: Any) -> str:
+        # an adapter this plugin added from peft_config has the base model as reference (TRL's null reference)
+        if policy in self._wrapped and self.config.peft_reference == "auto":
+            return "base"
+        return self.config.peft_reference
+
+    def _activate_model_adapter(self, policy: Any) -> None:
+        """Make `model_adapter_name` the active, trainable adapter; `_unbind_model` restores the previous one."""
+        name = self.model_adapter_name
+        if name is None:
+            return
+        self._restore_adapter = activate_trained_adapter(policy, name)
 
     def rebind(self, trainer: Any, policy: Any) -> None:
         """Re-bind to a new policy instance (`Trainer.train()` re-creates the model when `model_init` is set).
@@ -259,7 +395,7 @@ class KTOPlugin:
         The frozen-copy reference is taken from `policy`, which is the model as `model_init` returned it.
         """
         self._unbind_model()
-        policy_path = self._bind_model(trainer, policy)
+        policy_path = self._bind_policy(trainer, policy)
         logger.info(
             "kto_plugin: model_init made a new model; re-bound (reference: %s, log-probs from %s)",
             self.reference.describe(), policy_path.name,
@@ -306,6 +442,7 @@ class KTOPlugin:
         trainer.label_names = saved["label_names"]
         trainer.data_collator = saved["data_collator"]
         self.collator.model_kwargs = saved["collator_model_kwargs"]
+        self.collator.encoder_decoder, self.collator.decoder_start_token_id = saved["collator_encoder_decoder"]
         trainer.train_dataset = saved["train_dataset"]
         trainer.eval_dataset = saved["eval_dataset"]
         if saved["get_batch_samples"] is _MISSING:
@@ -441,6 +578,17 @@ class KTOPlugin:
                 f"the batch size, or add or remove a row."
             )
 
+    def _check_padding_value(self, policy: Any) -> None:
+        value = self.config.padding_value
+        embeddings = policy.get_input_embeddings() if hasattr(policy, "get_input_embeddings") else None
+        size = getattr(embeddings, "num_embeddings", None)
+        if value is not None and size is not None and value >= size:
+            raise ValueError(
+                f"KTOConfig.padding_value={value} is not a token id of the model (its input embedding has {size} "
+                "rows): padded positions are still looked up in the embedding. Use an id below that, or None for "
+                "the tokenizer's pad token."
+            )
+
     def _validate_precompute(self, trainer: Any) -> None:
         kind = sharding_of(trainer)
         if kind in ("fsdp", "deepspeed3"):
@@ -456,7 +604,8 @@ class KTOPlugin:
                 "the model that exists now, but train() builds a new one. Pass model= instead of model_init=, or "
                 "turn precompute off."
             )
-        if self.config.generate_during_eval and AdapterHost.of(trainer.accelerator.unwrap_model(trainer.model)) is None:
+        has_adapter = self.peft_config is not None or AdapterHost.of(trainer.accelerator.unwrap_model(trainer.model))
+        if self.config.generate_during_eval and not has_adapter:
             raise ValueError(
                 "generate_during_eval=True needs a live reference to generate from, but precompute_ref_log_probs=True "
                 "keeps no reference model (only PEFT adapter references stay available). Turn one of them off."
@@ -472,6 +621,13 @@ class KTOPlugin:
 
     def _validate(self, trainer: Any) -> None:
         args = trainer.args
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        if is_vision_language(policy):
+            raise NotImplementedError(
+                f"The trainer's model ({type(policy).__name__}) is a vision-language model (its config has a "
+                f"vision_config), which is not supported. {VLM_ALTERNATIVE}"
+            )
+        self._check_padding_value(policy)
         if self.needs_kl:
             for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
                 if getattr(args, name) < 2:

@@ -72,3 +72,18 @@ def naive_kto_logsigmoid_losses(policy, reference, labels, kl, beta):
         margin = beta * (r - z0) if bool(labels[i]) else beta * (z0 - r)
         out.append(torch.log(1 + torch.exp(-margin)))
     return torch.stack(out)
+
+
+def naive_seq2seq_completion_logps(model, prompt_ids, completion_ids) -> torch.Tensor:
+    """sum_t log p(c_t | prompt, c_<t) for an encoder-decoder model, one unpadded row at a time.
+
+    The model builds its decoder inputs from `labels` itself (shifted right after its decoder start token),
+    so nothing of kto_plugin's batch layout is involved.
+    """
+    out = []
+    for prompt, completion in zip(prompt_ids, completion_ids):
+        labels = torch.tensor([completion])
+        logits = model(input_ids=torch.tensor([prompt]), labels=labels).logits[0]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        out.append(log_probs.gather(-1, labels[0, :, None]).sum())  # position t predicts completion token t
+    return torch.stack(out)

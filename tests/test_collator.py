@@ -114,3 +114,14 @@ def test_labels_dict_raises_typeerror_for_slices():
     with pytest.raises(TypeError):
         labels[..., 1:]
     assert labels["label"].tolist() == [True]
+
+
+def test_label_pad_token_id_and_padding_value():
+    # the documented KTOTrainer meaning: label_pad_token_id fills the labels at prompt and padding positions,
+    # padding_value fills input_ids past each row's end (the attention mask is still 0 there)
+    batch = KTOCollator(pad_token_id=77, label_pad_token_id=-7)(ROWS[:2])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [5, 6, 77, 77]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    labels = batch["labels"]
+    assert labels["completion_labels"].tolist() == [[-7, -7, 3, 4], [-7, 6, -7, -7]]
+    assert labels["kl_completion_labels"].tolist() == [[-7, -7, 6], [-7, 3, 4]]

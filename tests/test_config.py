@@ -33,6 +33,10 @@ def test_defaults_follow_trl():
         ({"max_length": 64, "max_prompt_length": 64}, "max_prompt_length .64. must be smaller than max_length .64."),
         ({"max_length": None, "max_prompt_length": 8}, "needs max_length"),
         ({"max_length": 0}, "max_length must be a positive integer"),
+        ({"max_completion_length": 0}, "max_completion_length must be a positive integer"),
+        ({"label_pad_token_id": 0}, "label_pad_token_id must be a negative integer"),
+        ({"label_pad_token_id": 5}, "completion tokens with that id would be dropped"),
+        ({"padding_value": -1}, "padding_value must be a token id"),
         ({"truncation_mode": "middle"}, "truncation_mode must be one of"),
         ({"kl_estimate": "epoch"}, "kl_estimate must be one of"),
         ({"loss_type": ""}, "loss_type must be a non-empty string"),
@@ -61,3 +65,10 @@ def test_parsed_next_to_training_arguments():
 def test_to_dict_round_trips():
     config = KTOConfig(beta=0.3, max_prompt_length=10)
     assert KTOConfig(**config.to_dict()) == config
+
+
+def test_documented_kto_trainer_defaults():
+    # the documented (pre-1.0) KTOTrainer API: label_pad_token_id -100, padding_value from the tokenizer
+    config = KTOConfig()
+    assert config.label_pad_token_id == -100
+    assert config.padding_value is None and config.max_completion_length is None

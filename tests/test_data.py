@@ -120,3 +120,15 @@ def test_tokenizer_without_pad_uses_eos(tok):
     tok.pad_token = None
     kto = KTOPlugin(KTOConfig(), tokenizer=tok)
     assert kto.collator.pad_token_id == tok.eos_token_id
+
+
+def test_max_completion_length_keeps_the_first_tokens_and_counts(rows, tokenizer):
+    full = KTOPlugin(KTOConfig(max_length=None), tokenizer=tokenizer).prepare_dataset(rows[:20])
+    kto = KTOPlugin(KTOConfig(max_length=None, max_completion_length=5), tokenizer=tokenizer)
+    cut = kto.prepare_dataset(rows[:20])
+    assert cut["prompt_ids"] == full["prompt_ids"]
+    assert cut["completion_ids"] == [c[:5] for c in full["completion_ids"]]
+    n_long = sum(len(c) > 5 for c in full["completion_ids"])
+    assert n_long > 0
+    assert kto.data_reports["train"].completion_limited == n_long
+    assert "completions cut to max_completion_length" in kto.data_reports["train"].summary()
