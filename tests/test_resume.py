@@ -286,9 +286,13 @@ def test_resume_with_synced_frozen_copy_is_exact(base_model, tokenizer, rows, tm
     assert states[0]["stateful_callbacks"]["kto_plugin"] == states[1]["stateful_callbacks"]["kto_plugin"]
 
 
-def test_resume_with_synced_ref_adapter_is_exact(base_model, tokenizer, rows, tmp_path):
-    """An adapter named "ref" synced every 2 steps: the resumed run restores its synced tensors (the identity
-    check accepts them; the Trainer may already have loaded the checkpoint's "ref" folder)."""
+@pytest.mark.parametrize("trainer_folder", [True, False], ids=["with_ref_folder", "file_only"])
+def test_resume_with_synced_ref_adapter_is_exact(base_model, tokenizer, rows, tmp_path, trainer_folder):
+    """An adapter named "ref" synced every 2 steps. The Trainer saves every adapter of a PeftModel and loads them
+    back on resume, the synced "ref" too (its ``ref/`` folder): the identity check accepts that. Without the
+    folder (deleted here) the resumed run restores the synced tensors from kto_ref_model.safetensors."""
+    import shutil
+
     kto_kwargs = dict(SYNC, ref_model_sync_steps=2)
     straight_kto, straight = _train(_ref_adapter_policy(base_model), tokenizer, rows[:16], tmp_path / "straight",
                                     kto_kwargs=kto_kwargs, learning_rate=64.0, optim="sgd")
@@ -300,6 +304,8 @@ def test_resume_with_synced_ref_adapter_is_exact(base_model, tokenizer, rows, tm
     initial = _ref_adapter(_ref_adapter_policy(base_model))
     assert saved.keys() == initial.keys()  # the adapter's tensors only
     assert any(not torch.equal(saved[k], initial[k]) for k in saved)  # synced at step 2
+    if not trainer_folder:
+        shutil.rmtree(checkpoint / "ref")
     kto, resumed = _train(_ref_adapter_policy(base_model), tokenizer, rows[:16], tmp_path / "resumed",
                           resume=str(checkpoint), kto_kwargs=kto_kwargs, learning_rate=64.0, optim="sgd")
     _assert_same_weights(straight.model, resumed.model)  # the "ref" adapter included
