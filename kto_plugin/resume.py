@@ -12,6 +12,12 @@ only the plugin knows is kept under ``TrainerState.stateful_callbacks["kto_plugi
   run whose model was loaded from the checkpoint would take its frozen copy (or its precomputed log-probs)
   from trained weights. That is refused in `on_train_begin`, before any step.
 
+With ``sync_ref_model=True`` the reference is no longer the initial policy after a sync: `on_save` writes its
+weights into the checkpoint folder (``kto_ref_model.safetensors``, `kto_plugin.sync.save_reference`) and the
+resumed run loads them in `on_train_begin`, after the identity check. The Trainer tells callbacks neither the
+checkpoint it resumes from nor where the loaded state came from, so `attach` wraps ``trainer.train`` on the
+instance (`RecordCheckpointTrain`) to record it.
+
 Why not `transformers.ExportableState`: the Trainer restores those only with
 ``restore_callback_states_from_checkpoint=True``, by constructing the callback class anew from JSON, while the
 plugin's callbacks hold live objects. A key the Trainer does not know is written and read back untouched
@@ -154,7 +160,7 @@ class ResumeCallback(TrainerCallback):
         """With sync_ref_model, the reference is no longer the initial policy: its weights go into the checkpoint
         (``kto_ref_model.safetensors``, written by the main process next to the Trainer's files)."""
         plugin = self.plugin
-        if not plugin.config.sync_ref_model or plugin.trainer is None or not state.is_world_process_zero:
+        if not plugin.config.sync_ref_model or plugin.trainer is None or not args.should_save:
             return
         directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not os.path.isdir(directory):

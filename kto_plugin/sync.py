@@ -14,6 +14,9 @@ What is mixed depends on the reference (`ReferenceManager.mode`):
   1.16 refuses every PEFT policy here.
 * ``null_adapter`` (the base model with the adapter off) cannot follow the policy: the base weights are the
   policy's own. Refused at `attach()`.
+
+A checkpoint holds the synced reference's tensors (`save_reference`, ``kto_ref_model.safetensors``), which a
+resumed run loads back (`kto_plugin.resume`); TRL 1.16 resumes against the reference it rebuilt.
 """
 
 from __future__ import annotations
