@@ -340,3 +340,29 @@ def test_resume_with_sync_still_refuses_checkpoint_weights_as_initial_model(base
         _train(trained, tokenizer, rows[:16], tmp_path / "again", resume=str(checkpoint), kto_kwargs=SYNC)
     with pytest.raises(ValueError, match="first run had KTOConfig\\(sync_ref_model=True\\)"):
         _train(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "plain", resume=str(checkpoint))
+
+
+def test_resume_with_synced_separate_ref_model_is_exact(base_model, tokenizer, rows, tmp_path):
+    """A separate `ref_model` is synced in place; the resumed run is given the initial one again (as the first
+    run was) and the checkpoint's synced weights are loaded into it."""
+    from kto_plugin.demo import build_tiny_model
+
+    def ref():
+        return build_tiny_model(len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=7)
+
+    kto_kwargs = dict(SYNC, ref_model_sync_steps=2)
+    runs = {}
+    for name, resume in (("straight", None), ("resumed", str(tmp_path / "straight" / "checkpoint-2"))):
+        ref_model = ref()
+        kto, trainer = kto_trainer(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / name,
+                                   kto_kwargs=kto_kwargs, plugin_kwargs={"ref_model": ref_model}, max_steps=4,
+                                   save_strategy="steps", save_steps=2, learning_rate=0.05)
+        kto.attach(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        runs[name] = trainer, ref_model
+    _assert_same_weights(runs["straight"][0].model, runs["resumed"][0].model)
+    _assert_same_weights(runs["straight"][1], runs["resumed"][1])
+    assert any(not torch.equal(v, ref().state_dict()[k]) for k, v in runs["resumed"][1].state_dict().items())
+    want = _logs(runs["straight"][0], {3, 4}, KTO_KEYS)
+    assert set(want) == {3, 4}
+    assert _logs(runs["resumed"][0], {3, 4}, KTO_KEYS) == want
