@@ -33,7 +33,7 @@ from .models import (
 )
 from .precompute import ReferencePrecomputer, default_cache_dir
 from .reference import ReferenceManager, disable_dropout, preserved_state
-from .resume import ResumeCallback
+from .resume import RecordCheckpointTrain, ResumeCallback
 from .router import router_aux_coef
 from .sharding import sharding_of
 from .sync import ReferenceSyncCallback, sync_pairs
@@ -254,6 +254,7 @@ class KTOPlugin:
         saved["eval_dataset"] = trainer.eval_dataset
         saved["get_batch_samples"] = trainer.__dict__.get("get_batch_samples", _MISSING)
         saved["training_step"] = trainer.__dict__.get("training_step", _MISSING)
+        saved["train"] = trainer.__dict__.get("train", _MISSING)
 
         policy_path = self._bind_policy(trainer, policy)
 
@@ -275,6 +276,7 @@ class KTOPlugin:
         # last: its on_log stores the accumulator after the metrics callback has taken the interval's values
         self._resume = ResumeCallback(self)
         trainer.callback_handler.callbacks.append(self._resume)
+        trainer.train = RecordCheckpointTrain(trainer.train, trainer, self._resume)
         if self.config.on_nonfinite == "skip":
             self._skip_callback = NonFiniteSkipCallback(self.nonfinite)
             trainer.callback_handler.callbacks.insert(0, self._skip_callback)
@@ -454,6 +456,10 @@ class KTOPlugin:
             trainer.__dict__.pop("training_step", None)
         else:
             trainer.training_step = saved["training_step"]
+        if saved["train"] is _MISSING:
+            trainer.__dict__.pop("train", None)
+        else:
+            trainer.train = saved["train"]
         for callback in (self._callback, self._generation, self._skip_callback, self._resume, self._sync):
             if callback in trainer.callback_handler.callbacks:
                 trainer.callback_handler.callbacks.remove(callback)

@@ -12,6 +12,12 @@ only the plugin knows is kept under ``TrainerState.stateful_callbacks["kto_plugi
   run whose model was loaded from the checkpoint would take its frozen copy (or its precomputed log-probs)
   from trained weights. That is refused in `on_train_begin`, before any step.
 
+With ``sync_ref_model=True`` the reference is no longer the initial policy after a sync: `on_save` writes its
+weights into the checkpoint folder (``kto_ref_model.safetensors``, `kto_plugin.sync.save_reference`) and the
+resumed run loads them in `on_train_begin`, after the identity check. The Trainer tells callbacks neither the
+checkpoint it resumes from nor where the loaded state came from, so `attach` wraps ``trainer.train`` on the
+instance (`RecordCheckpointTrain`) to record it.
+
 Why not `transformers.ExportableState`: the Trainer restores those only with
 ``restore_callback_states_from_checkpoint=True``, by constructing the callback class anew from JSON, while the
 plugin's callbacks hold live objects. A key the Trainer does not know is written and read back untouched
@@ -26,6 +32,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +41,7 @@ import torch
 from transformers import TrainerCallback
 
 from .precompute import is_sharded
+from .sync import REFERENCE_WEIGHTS_NAME, load_reference, read_reference, save_reference
 
 logger = logging.getLogger("kto_plugin")
 
@@ -50,9 +58,16 @@ def sampled_fingerprint(
     sampled elements of a trained tensor, so it tells the initial policy from a checkpoint's weights.
     `keep(name)` selects the tensors (default: all); None when it selects none.
     """
+    return tensors_fingerprint(module.state_dict(), samples, keep)
+
+
+def tensors_fingerprint(
+    tensors: dict[str, torch.Tensor], samples: int = 64, keep: Callable[[str], bool] | None = None
+) -> str | None:
+    """`sampled_fingerprint` of a name -> tensor mapping (a state dict, or tensors read from a file)."""
     h = hashlib.sha256()
     found = False
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         if keep is not None and not keep(name):
             continue
         found = True
@@ -82,6 +97,7 @@ class ResumeCallback(TrainerCallback):
     def __init__(self, plugin: Any) -> None:
         self.plugin = plugin
         self._identity: dict[str, str | None] | None = None
+        self.checkpoint: str | None = None  # the checkpoint train() resumes from, set by `RecordCheckpointTrain`
 
     # --- what identifies the reference ---
 
@@ -140,10 +156,27 @@ class ResumeCallback(TrainerCallback):
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._export(state)
 
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """With sync_ref_model, the reference is no longer the initial policy: its weights go into the checkpoint
+        (``kto_ref_model.safetensors``, written by the main process next to the Trainer's files)."""
+        plugin = self.plugin
+        if not plugin.config.sync_ref_model or plugin.trainer is None or not args.should_save:
+            return
+        directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(directory):
+            # the Trainer saves elsewhere (a hyperparameter-search trial's run-N folder): resuming from that
+            # checkpoint is refused for want of this file rather than silently using the initial reference
+            logger.warning("kto_plugin: no checkpoint folder %s; the synced reference was not saved", directory)
+            return
+        path = save_reference(plugin.trainer, plugin.reference, directory)
+        logger.debug("kto_plugin: synced reference saved to %s", path)
+
     # --- restore ---
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._identity = None
+        if self.plugin.trainer is not None:
+            self.reference_identity()  # now, before a sync can move the reference
         callbacks = state.stateful_callbacks
         saved = callbacks.get(STATE_KEY) if isinstance(callbacks, dict) else None
         if not saved or state.global_step == 0:
@@ -153,7 +186,11 @@ class ResumeCallback(TrainerCallback):
                 f"The checkpoint holds kto_plugin state of format {saved.get('format')!r}; this version reads "
                 f"format {STATE_FORMAT}. Resume with the kto_plugin version that wrote it."
             )
-        self._check_reference(saved, state.global_step)
+        synced = self._synced_reference(state.global_step)
+        self._check_reference(saved, state.global_step, None if synced is None else tensors_fingerprint(synced[1]))
+        if synced is not None:
+            load_reference(self.plugin.trainer, self.plugin.reference, synced[1], synced[0])
+            logger.info("kto_plugin: synced reference restored from %s", synced[0])
         plugin = self.plugin
         plugin.metrics.load_state_dict(copy.deepcopy(saved["metrics"]))
         plugin.loss_hook.total_train_tokens = saved["total_train_tokens"]
@@ -161,7 +198,40 @@ class ResumeCallback(TrainerCallback):
             "kto_plugin: resumed at step %d with the checkpoint's metrics and token count", state.global_step
         )
 
-    def _check_reference(self, saved: dict[str, Any], step: int) -> None:
+    def _synced_reference(self, step: int) -> tuple[str, dict[str, torch.Tensor]] | None:
+        """(path, tensors) of the checkpoint's synced reference, None without sync_ref_model; refuses a resume
+        that cannot be exact."""
+        config = self.plugin.config
+        path = None if self.checkpoint is None else os.path.join(self.checkpoint, REFERENCE_WEIGHTS_NAME)
+        found = path is not None and os.path.isfile(path)
+        if found and not config.sync_ref_model:
+            raise ValueError(
+                f"Resuming at step {step}: the checkpoint holds a synced reference ({path}), the first run had "
+                "KTOConfig(sync_ref_model=True). Resume with the same KTOConfig (sync_ref_model, "
+                "ref_model_mixup_alpha, ref_model_sync_steps)."
+            )
+        if not config.sync_ref_model:
+            return None
+        if found:
+            return path, read_reference(path)
+        if self.checkpoint is None:
+            raise ValueError(
+                f"Resuming at step {step} with KTOConfig(sync_ref_model=True), but the checkpoint folder is "
+                "unknown, so the synced reference cannot be restored. Call trainer.train(resume_from_checkpoint=...) "
+                "on the trainer given to kto.attach(trainer), after attaching."
+            )
+        if step >= config.ref_model_sync_steps:
+            raise ValueError(
+                f"Resuming at step {step} with KTOConfig(sync_ref_model=True), but {self.checkpoint} has no "
+                f"{REFERENCE_WEIGHTS_NAME} (a checkpoint written without sync_ref_model or by an older version), "
+                "so the reference synced until then is lost and the run would not be exact. Resume from a "
+                "checkpoint written with sync_ref_model=True, or train again from the start."
+            )
+        return None  # no sync has happened yet: the reference is still the initial policy
+
+    def _check_reference(self, saved: dict[str, Any], step: int, synced: str | None = None) -> None:
+        """`synced`: the fingerprint of the checkpoint's synced reference, which the reference may already be
+        (the Trainer loads every adapter of a PEFT checkpoint, the "ref" adapter too)."""
         now = self.reference_identity()
         if saved.get("reference_kind") and saved["reference_kind"] != now["reference_kind"]:
             raise ValueError(
@@ -172,7 +242,7 @@ class ResumeCallback(TrainerCallback):
                 "and let trainer.train(resume_from_checkpoint=...) load the checkpoint."
             )
         was, now_fp = saved.get("reference_model"), now["reference_model"]
-        if was and now_fp and was != now_fp:
+        if was and now_fp and now_fp not in (was, synced):
             raise ValueError(
                 f"Resuming at step {step}: the reference model differs from the one the checkpoint was "
                 "trained against. A frozen copy (of the model or of its adapter) is taken from the model the "
@@ -190,3 +260,31 @@ class ResumeCallback(TrainerCallback):
                 "per_device_train_batch_size, and let trainer.train(resume_from_checkpoint=...) load the "
                 "checkpoint."
             )
+        if was:
+            now["reference_model"] = was  # later checkpoints name the initial reference, as the first run's
+
+
+class RecordCheckpointTrain:
+    """Wraps a trainer's `train` (an instance attribute, undone by `detach`) to tell `ResumeCallback` which
+    checkpoint the run resumes from: the Trainer passes neither the path nor the loaded state's origin to
+    callbacks. ``resume_from_checkpoint=True`` is resolved as the Trainer resolves it (the last
+    ``checkpoint-N`` folder in ``args.output_dir``)."""
+
+    def __init__(self, original: Any, trainer: Any, callback: ResumeCallback) -> None:
+        self.original = original
+        self.trainer = trainer
+        self.callback = callback
+
+    def __call__(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.trainer.args.output_dir)  # None: the Trainer raises
+        elif checkpoint is False:
+            checkpoint = None
+        self.callback.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
+        try:
+            return self.original(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self.callback.checkpoint = None

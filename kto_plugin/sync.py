@@ -14,11 +14,15 @@ What is mixed depends on the reference (`ReferenceManager.mode`):
   1.16 refuses every PEFT policy here.
 * ``null_adapter`` (the base model with the adapter off) cannot follow the policy: the base weights are the
   policy's own. Refused at `attach()`.
+
+A checkpoint holds the synced reference's tensors (`save_reference`, ``kto_ref_model.safetensors``), which a
+resumed run loads back (`kto_plugin.resume`); TRL 1.16 resumes against the reference it rebuilt.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -142,3 +146,59 @@ class ReferenceSyncCallback(TrainerCallback):
         mix_into(sync_pairs(self.trainer, self.reference), self.alpha)
         self.updates += 1
         logger.debug("kto_plugin: reference synced at step %d (alpha=%s)", state.global_step, self.alpha)
+
+
+# --- the synced reference in checkpoints ---
+
+REFERENCE_WEIGHTS_NAME = "kto_ref_model.safetensors"
+
+
+def reference_tensors(trainer: Any, reference: ReferenceManager) -> dict[str, torch.Tensor]:
+    """The tensors a sync changes, live, by state-dict name: the reference model's whole state dict (mode
+    ``model``), or the reference adapter's tensors in the policy's state dict (mode ``named_adapter``)."""
+    if reference.mode == "model":
+        return trainer.accelerator.unwrap_model(reference.ref_model).state_dict()
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    marker = f".{reference.ref_adapter_name}."
+    return {name: t for name, t in policy.state_dict().items() if marker in name}  # as the resume fingerprint
+
+
+def save_reference(trainer: Any, reference: ReferenceManager, directory: str) -> str:
+    """Write the synced reference's tensors to ``directory/kto_ref_model.safetensors``; returns the path.
+
+    Each tensor is copied to the CPU on its own: safetensors refuses tensors that share storage (tied
+    embeddings), and the file must not alias the live weights."""
+    from safetensors.torch import save_file
+
+    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in
+               reference_tensors(trainer, reference).items()}
+    path = os.path.join(directory, REFERENCE_WEIGHTS_NAME)
+    save_file(tensors, path, metadata={"format": "kto_plugin.sync_ref_model"})
+    return path
+
+
+def read_reference(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def load_reference(trainer: Any, reference: ReferenceManager, tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Copy `tensors` (from `read_reference`) into the reference in place. The names must match exactly."""
+    live = reference_tensors(trainer, reference)
+    missing, extra = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
+    if missing or extra:
+        raise ValueError(
+            f"Resuming with sync_ref_model=True: {path} holds another reference's tensors than this run's "
+            f"({'missing ' + repr(missing[0]) if missing else 'unexpected ' + repr(extra[0])}). Build the model, "
+            "ref_model and adapters as for the first run, with the same KTOConfig."
+        )
+    with torch.no_grad():
+        for name, target in live.items():
+            source = tensors[name]
+            if source.shape != target.shape:
+                raise ValueError(
+                    f"Resuming with sync_ref_model=True: tensor {name!r} has shape {tuple(source.shape)} in "
+                    f"{path} and {tuple(target.shape)} in this run's reference. Build the model as for the first run."
+                )
+            target.copy_(source.to(device=target.device, dtype=target.dtype))

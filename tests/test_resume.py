@@ -237,3 +237,132 @@ def test_sampled_fingerprint_tells_trained_weights_apart(base_model):
             p.add_(1e-2 * torch.sign(torch.randn_like(p)))
     assert sampled_fingerprint(model) != before
     assert sampled_fingerprint(model, keep=lambda name: ".no_such_adapter." in name) is None
+
+
+# --- sync_ref_model: the synced reference travels in the checkpoint ---
+
+SYNC = {"sync_ref_model": True, "ref_model_sync_steps": 1, "ref_model_mixup_alpha": 0.6}
+
+
+def _ref_adapter_policy(base_model):
+    from reference_cases import peft_policy
+    from peft import LoraConfig
+
+    policy = peft_policy(base_model, trained=False)
+    torch.manual_seed(3)
+    policy.add_adapter("ref", LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                         init_lora_weights=False, inference_mode=True))
+    return policy
+
+
+def _ref_adapter(model):
+    return {k: v for k, v in model.state_dict().items() if ".ref." in k}
+
+
+def test_resume_with_synced_frozen_copy_is_exact(base_model, tokenizer, rows, tmp_path):
+    """Sync every step, checkpoint at 2, resume with resume_from_checkpoint=True from a copy of that checkpoint:
+    the reference synced at steps 1-2 is restored (not rebuilt from the initial policy), so steps 3-4 log the
+    same KTO metrics and end with the same policy and reference, bit for bit."""
+    import shutil
+
+    straight_kto, straight = _train(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "straight",
+                                    kto_kwargs=SYNC, learning_rate=0.05)
+    checkpoint = tmp_path / "straight" / "checkpoint-2"
+    assert (checkpoint / "kto_ref_model.safetensors").is_file()
+    shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-2")
+    kto, resumed = _train(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "resumed", resume=True,
+                          kto_kwargs=SYNC, learning_rate=0.05)
+    _assert_same_weights(straight.model, resumed.model)
+    _assert_same_weights(straight_kto.reference.ref_model, kto.reference.ref_model)
+    moved = [k for k, v in base_model.state_dict().items()
+             if not torch.equal(v, kto.reference.ref_model.state_dict()[k])]
+    assert moved  # the reference did follow the policy
+    want = _logs(straight, {3, 4}, KTO_KEYS + ("loss", "grad_norm"))
+    assert set(want) == {3, 4}
+    assert _logs(resumed, {3, 4}, KTO_KEYS + ("loss", "grad_norm")) == want
+    # the resumed run's checkpoint names the initial reference, as the first run's: a second resume passes
+    states = [json.loads((tmp_path / d / "checkpoint-4" / "trainer_state.json").read_text())
+              for d in ("straight", "resumed")]
+    assert states[0]["stateful_callbacks"]["kto_plugin"] == states[1]["stateful_callbacks"]["kto_plugin"]
+
+
+@pytest.mark.parametrize("trainer_folder", [True, False], ids=["with_ref_folder", "file_only"])
+def test_resume_with_synced_ref_adapter_is_exact(base_model, tokenizer, rows, tmp_path, trainer_folder):
+    """An adapter named "ref" synced every 2 steps. The Trainer saves every adapter of a PeftModel and loads them
+    back on resume, the synced "ref" too (its ``ref/`` folder): the identity check accepts that. Without the
+    folder (deleted here) the resumed run restores the synced tensors from kto_ref_model.safetensors."""
+    import shutil
+
+    kto_kwargs = dict(SYNC, ref_model_sync_steps=2)
+    straight_kto, straight = _train(_ref_adapter_policy(base_model), tokenizer, rows[:16], tmp_path / "straight",
+                                    kto_kwargs=kto_kwargs, learning_rate=64.0, optim="sgd")
+    assert straight_kto.reference.mode == "named_adapter" and straight_kto.reference.ref_adapter_name == "ref"
+    checkpoint = tmp_path / "straight" / "checkpoint-2"
+    from safetensors.torch import load_file
+
+    saved = load_file(str(checkpoint / "kto_ref_model.safetensors"))
+    initial = _ref_adapter(_ref_adapter_policy(base_model))
+    assert saved.keys() == initial.keys()  # the adapter's tensors only
+    assert any(not torch.equal(saved[k], initial[k]) for k in saved)  # synced at step 2
+    if not trainer_folder:
+        shutil.rmtree(checkpoint / "ref")
+    kto, resumed = _train(_ref_adapter_policy(base_model), tokenizer, rows[:16], tmp_path / "resumed",
+                          resume=str(checkpoint), kto_kwargs=kto_kwargs, learning_rate=64.0, optim="sgd")
+    _assert_same_weights(straight.model, resumed.model)  # the "ref" adapter included
+    want = _logs(straight, {3, 4}, KTO_KEYS)
+    assert set(want) == {3, 4}
+    assert _logs(resumed, {3, 4}, KTO_KEYS) == want
+
+
+def test_resume_with_sync_refuses_a_checkpoint_without_the_synced_reference(base_model, tokenizer, rows,
+                                                                          tmp_path):
+    """Without kto_ref_model.safetensors (deleted here; an older version did not write it) the synced reference
+    is lost: refused before any step rather than training against the initial policy."""
+    _train(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "first", kto_kwargs=SYNC, max_steps=2)
+    checkpoint = tmp_path / "first" / "checkpoint-2"
+    (checkpoint / "kto_ref_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="sync_ref_model=True.*no kto_ref_model.safetensors") as info:
+        _train(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "again", resume=str(checkpoint),
+               kto_kwargs=SYNC)
+    assert "train again from the start" in str(info.value)
+
+
+def test_resume_with_sync_still_refuses_checkpoint_weights_as_initial_model(base_model, tokenizer, rows,
+                                                                           tmp_path):
+    """The identity check accepts the initial reference (then restores the synced one), not a frozen copy of
+    the checkpoint's trained weights."""
+    from transformers import AutoModelForCausalLM
+
+    _train(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "first", kto_kwargs=SYNC, max_steps=2)
+    checkpoint = tmp_path / "first" / "checkpoint-2"
+    trained = AutoModelForCausalLM.from_pretrained(str(checkpoint))
+    with pytest.raises(ValueError, match="reference model differs"):
+        _train(trained, tokenizer, rows[:16], tmp_path / "again", resume=str(checkpoint), kto_kwargs=SYNC)
+    with pytest.raises(ValueError, match="first run had KTOConfig\\(sync_ref_model=True\\)"):
+        _train(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "plain", resume=str(checkpoint))
+
+
+def test_resume_with_synced_separate_ref_model_is_exact(base_model, tokenizer, rows, tmp_path):
+    """A separate `ref_model` is synced in place; the resumed run is given the initial one again (as the first
+    run was) and the checkpoint's synced weights are loaded into it."""
+    from kto_plugin.demo import build_tiny_model
+
+    def ref():
+        return build_tiny_model(len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=7)
+
+    kto_kwargs = dict(SYNC, ref_model_sync_steps=2)
+    runs = {}
+    for name, resume in (("straight", None), ("resumed", str(tmp_path / "straight" / "checkpoint-2"))):
+        ref_model = ref()
+        kto, trainer = kto_trainer(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / name,
+                                   kto_kwargs=kto_kwargs, plugin_kwargs={"ref_model": ref_model}, max_steps=4,
+                                   save_strategy="steps", save_steps=2, learning_rate=0.05)
+        kto.attach(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        runs[name] = trainer, ref_model
+    _assert_same_weights(runs["straight"][0].model, runs["resumed"][0].model)
+    _assert_same_weights(runs["straight"][1], runs["resumed"][1])
+    assert any(not torch.equal(v, ref().state_dict()[k]) for k, v in runs["resumed"][1].state_dict().items())
+    want = _logs(runs["straight"][0], {3, 4}, KTO_KEYS)
+    assert set(want) == {3, 4}
+    assert _logs(runs["resumed"][0], {3, 4}, KTO_KEYS) == want
