@@ -12,7 +12,7 @@ from .collator import KTOCollator
 from .compat import TrainerCompat, check_liger
 from .compute_loss import KTOComputeLoss
 from .config import KTOConfig
-from .data import DataReport, _as_dataset, prepare_split
+from .data import DataReport, Preparer, as_dataset
 from .generation import KTOGenerationCallback
 from .guidance import Adviser, attach_advice, label_counts
 from .logprobs import LogpsPath, choose_path
@@ -97,25 +97,22 @@ class KTOPlugin:
     # --- data ---
 
     def prepare_dataset(self, dataset: Any, name: str = "train") -> Any:
-        """Tokenize unpaired rows ``{prompt, completion, label}`` (plain text or conversational).
+        """Validate and tokenize preference data: unpaired ``{prompt, completion, label}``, paired
+        ``{prompt, chosen, rejected}`` or implicit-prompt ``{chosen, rejected}``, plain text or conversational.
 
-        Takes a `datasets.Dataset`, a `DatasetDict` (each split, reported under its split name) or a list of
-        dicts; returns the same kind with `prompt_ids`, `completion_ids` and `label` (other columns kept).
-        What is dropped or truncated is counted in `self.data_reports[name]` and logged.
+        Takes a `datasets.Dataset`, an `IterableDataset` (prepared lazily as it is read), a `DatasetDict` /
+        `IterableDatasetDict` (each split, reported under its split name), a list of row dicts or a dict of
+        columns; returns a `datasets` object of the same kind with `prompt_ids`, `completion_ids` and `label`
+        (other columns kept). Paired rows come out in `KTOConfig.paired_order`. What is dropped or truncated
+        is counted in `self.data_reports[name]` and logged once.
         """
-        data = _as_dataset(dataset, name)
-        if isinstance(data, datasets.DatasetDict):
-            return datasets.DatasetDict({split: self.prepare_dataset(ds, name=split) for split, ds in data.items()})
-        prepared, report = prepare_split(
-            data,
-            self.tokenizer,
-            name=name,
-            max_length=self.config.max_length,
-            max_prompt_length=self.config.max_prompt_length,
-            num_proc=self.config.dataset_num_proc,
-        )
+        data = as_dataset(dataset, name)
+        if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+            return type(data)({split: self.prepare_dataset(ds, name=split) for split, ds in data.items()})
+        prepared, report = Preparer(self.tokenizer, self.config)(data, name)
         self.data_reports[name] = report
-        logger.info("kto_plugin: prepared %s", report.summary())
+        noteworthy = report.dropped_prompt_too_long or report.truncated or report.prompt_truncated or report.balance
+        logger.log(logging.WARNING if noteworthy else logging.INFO, "kto_plugin: prepared %s", report.summary())
         return prepared
 
     # --- attach / detach ---
