@@ -28,6 +28,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from .data_formats import (
@@ -141,13 +142,13 @@ def _prepare_batch(
     max_prompt_length: int | None,
     chosen_first: bool,
 ) -> dict[str, list]:
-    """Validate, unpair and tokenize a batch of input rows; one output row per completion.
+    """Validate, unpair and tokenize a batch of input rows; one output row per completion, with `_src`, the
+    position in `batch` of the row it came from (other columns are carried by the caller).
 
     Paired rows come out as (chosen, rejected) per pair, or with `chosen_first` all chosen rows of the batch
     first (TRL's order for a batch of 1000 aligned pairs).
     """
     check_rows(batch, indices, fmt, conversational, name)
-    extras = [c for c in batch if c not in CONSUMED and c != "label"]
     if fmt == UNPAIRED:
         prompts = list(batch["prompt"])
         completions = [[c] for c in batch["completion"]]
@@ -193,8 +194,8 @@ def _prepare_batch(
     full_ids = iter(tokenizer(full_texts, add_special_tokens=special)["input_ids"])
 
     bos = tokenizer.bos_token_id
-    out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "label": [], "_mismatch": [], "_prompt_cut": []}
-    out.update({c: [] for c in extras})
+    out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "label": [], "_mismatch": [], "_prompt_cut": [],
+                            "_src": []}
     for i, (p_ids, row_labels) in enumerate(zip(prompt_ids, labels)):
         for label in row_labels:
             f_ids = next(full_ids)
@@ -218,12 +219,27 @@ def _prepare_batch(
             out["label"].append(label)
             out["_mismatch"].append(n < len(p_ids))
             out["_prompt_cut"].append(cut)
-            for c in extras:
-                out[c].append(batch[c][i])
+            out["_src"].append(i)
     if chosen_first and fmt != UNPAIRED:
         order = list(range(0, len(out["label"]), 2)) + list(range(1, len(out["label"]), 2))
         out = {k: [v[j] for j in order] for k, v in out.items()}
     return out
+
+
+_IDS = pa.list_(pa.int64())
+
+
+def _prepare_table(table: pa.Table, indices: list[int], **kwargs: Any) -> pa.Table:
+    """`_prepare_batch` from and to Arrow: token ids converted in C, other columns carried with their types."""
+    batch = {c: table.column(c).to_pylist() for c in table.column_names if c in CONSUMED or c == "label"}
+    out = _prepare_batch(batch, indices, **kwargs)
+    src = pa.array(out.pop("_src"), type=pa.int64())
+    columns = {key: pa.array(out[key], type=_IDS) for key in ("prompt_ids", "completion_ids")}
+    columns.update({key: pa.array(out[key], type=pa.bool_()) for key in ("label", *_STATS)})
+    for c in table.column_names:
+        if c not in CONSUMED and c != "label":
+            columns[c] = table.column(c).take(src)
+    return pa.table(columns)
 
 
 def _fate(prompt_len: np.ndarray, completion_len: np.ndarray, max_length: int | None, mode: str):
@@ -294,8 +310,8 @@ class Preparer:
         paired = fmt != UNPAIRED
         report = DataReport(name=name, format=fmt, conversational=conversational, rows_in=len(dataset),
                             order=self.config.paired_order if paired else None)
-        tokenized = dataset.map(
-            _prepare_batch,
+        tokenized = dataset.with_format("arrow").map(
+            _prepare_table,
             batched=True,
             batch_size=_MAP_BATCH,
             with_indices=True,
@@ -303,7 +319,7 @@ class Preparer:
             fn_kwargs=self._fn_kwargs(fmt, conversational, name, chosen_first=False),
             remove_columns=[c for c in dataset.column_names if c in CONSUMED or c == "label"],
             desc=f"Preparing {name} dataset",
-        )
+        ).with_format(None)
         table = tokenized.data
         prompt_len = pc.list_value_length(table.column("prompt_ids")).to_numpy(zero_copy_only=False)
         completion_len = pc.list_value_length(table.column("completion_ids")).to_numpy(zero_copy_only=False)
@@ -374,6 +390,8 @@ class _StreamCounter:
 
     def __call__(self, batch: Mapping[str, list], indices: list[int]) -> dict[str, list]:
         out = _prepare_batch(batch, indices, **self.fn_kwargs)
+        src = out.pop("_src")
+        out.update({c: [batch[c][i] for i in src] for c in batch if c not in CONSUMED and c != "label"})
         prompt_len = np.array([len(p) for p in out["prompt_ids"]], dtype=np.int64)
         completion_len = np.array([len(c) for c in out["completion_ids"]], dtype=np.int64)
         dropped, truncated, completion_cut = _fate(prompt_len, completion_len, self.max_length, self.mode)
