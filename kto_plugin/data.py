@@ -44,6 +44,7 @@ from .data_formats import (
     extract_prompt,
     is_conversational,
 )
+from .encoding import can_splice, encode
 from .guidance import balance_advice
 from .warnings import KTOPluginWarning
 
@@ -141,6 +142,7 @@ def _prepare_batch(
     name: str,
     max_prompt_length: int | None,
     chosen_first: bool,
+    splice: bool = False,
 ) -> dict[str, list]:
     """Validate, unpair and tokenize a batch of input rows; one output row per completion, with `_src`, the
     position in `batch` of the row it came from (other columns are carried by the caller).
@@ -183,15 +185,15 @@ def _prepare_batch(
                 tools = json.loads(tools)
             extra = kwargs_column[i] if kwargs_column is not None else None
             prompt_texts.append(_render(tokenizer, prompt, tools, extra, generation=True))
-            full_texts.extend(_render(tokenizer, prompt + c, tools, extra, generation=False) for c in comps)
+            full_texts.append([_render(tokenizer, prompt + c, tools, extra, generation=False) for c in comps])
         special = False
     else:
         eos = tokenizer.eos_token
         prompt_texts = prompts
-        full_texts = [p + (c if c.endswith(eos) else c + eos) for p, comps in zip(prompts, completions) for c in comps]
+        full_texts = [[p + (c if c.endswith(eos) else c + eos) for c in comps] for p, comps in zip(prompts, completions)]
         special = True
-    prompt_ids = tokenizer(prompt_texts, add_special_tokens=special)["input_ids"]
-    full_ids = iter(tokenizer(full_texts, add_special_tokens=special)["input_ids"])
+    prompt_ids, full_ids = encode(tokenizer, prompt_texts, full_texts, special, splice)
+    full_ids = iter(full_ids)
 
     bos = tokenizer.bos_token_id
     out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "label": [], "_mismatch": [], "_prompt_cut": [],
@@ -297,6 +299,7 @@ class Preparer:
             "name": name,
             "max_prompt_length": self.config.max_prompt_length,
             "chosen_first": chosen_first,
+            "splice": can_splice(self.tokenizer),
         }
 
     def __call__(self, dataset: Any, name: str) -> tuple[Any, DataReport]:
