@@ -56,7 +56,7 @@ TOKEN_COLUMNS = ("prompt_ids", "completion_ids", "label")
 # block of 1000 pairs, then their rejected rows.
 TRL_UNPAIR_BLOCK = 1000
 _MAP_BATCH = 1000
-_STATS = ("_mismatch", "_prompt_cut")
+_STATS = ("_mismatch", "_prompt_cut", "_row")
 
 
 @dataclass
@@ -76,7 +76,7 @@ class DataReport:
     n_desirable: int = 0
     n_undesirable: int = 0
     dropped_prompt_too_long: int = 0  # keep_start: prompt alone >= max_length (no completion token would be left)
-    dropped_rows: list[int] = field(default_factory=list)  # output positions before dropping, first 10
+    dropped_rows: list[int] = field(default_factory=list)  # input row indices (pairs for paired) of drops, first 10
     truncated: int = 0  # rows the collator cuts to max_length
     completion_truncated: int = 0  # of those, rows that lose completion tokens
     prompt_truncated: int = 0  # prompts cut to max_prompt_length at preparation
@@ -192,16 +192,18 @@ def _prepare_batch(
         prompt_texts = prompts
         full_texts = [[p + (c if c.endswith(eos) else c + eos) for c in comps] for p, comps in zip(prompts, completions)]
         special = True
-    prompt_ids, full_ids = encode(tokenizer, prompt_texts, full_texts, special, splice)
-    full_ids = iter(full_ids)
+    prompt_ids, full_ids, prefixes = encode(tokenizer, prompt_texts, full_texts, special, splice)
+    full_ids, prefixes = iter(full_ids), iter(prefixes)
 
     bos = tokenizer.bos_token_id
     out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "label": [], "_mismatch": [], "_prompt_cut": [],
-                            "_src": []}
+                            "_src": [], "_row": []}
     for i, (p_ids, row_labels) in enumerate(zip(prompt_ids, labels)):
         for label in row_labels:
             f_ids = next(full_ids)
-            n = _common_prefix(p_ids, f_ids)
+            n = next(prefixes)
+            if n is None:
+                n = _common_prefix(p_ids, f_ids)
             completion = f_ids[n:]
             if not completion:
                 column = "completion" if fmt == UNPAIRED else ("chosen" if label else "rejected")
@@ -222,6 +224,7 @@ def _prepare_batch(
             out["_mismatch"].append(n < len(p_ids))
             out["_prompt_cut"].append(cut)
             out["_src"].append(i)
+            out["_row"].append(indices[i])
     if chosen_first and fmt != UNPAIRED:
         order = list(range(0, len(out["label"]), 2)) + list(range(1, len(out["label"]), 2))
         out = {k: [v[j] for j in order] for k, v in out.items()}
@@ -237,7 +240,8 @@ def _prepare_table(table: pa.Table, indices: list[int], **kwargs: Any) -> pa.Tab
     out = _prepare_batch(batch, indices, **kwargs)
     src = pa.array(out.pop("_src"), type=pa.int64())
     columns = {key: pa.array(out[key], type=_IDS) for key in ("prompt_ids", "completion_ids")}
-    columns.update({key: pa.array(out[key], type=pa.bool_()) for key in ("label", *_STATS)})
+    columns.update({key: pa.array(out[key], type=pa.bool_()) for key in ("label", "_mismatch", "_prompt_cut")})
+    columns["_row"] = pa.array(out["_row"], type=pa.int64())
     for c in table.column_names:
         if c not in CONSUMED and c != "label":
             columns[c] = table.column(c).take(src)
@@ -329,6 +333,7 @@ class Preparer:
         labels = table.column("label").to_numpy(zero_copy_only=False).astype(bool)
         report.prompt_boundary_mismatch = int(pc.sum(table.column("_mismatch")).as_py() or 0)
         report.prompt_truncated = int(pc.sum(table.column("_prompt_cut")).as_py() or 0)
+        source_rows = table.column("_row").to_numpy()
         tokenized = tokenized.remove_columns(list(_STATS))
         dropped, truncated, completion_cut = _fate(
             prompt_len, completion_len, self.config.max_length, self.config.truncation_mode
@@ -344,7 +349,7 @@ class Preparer:
         if len(keep) != len(labels) or not np.array_equal(keep, np.arange(len(labels))):
             tokenized = tokenized.select(keep)
         report.dropped_prompt_too_long = int(dropped.sum())
-        report.dropped_rows = [int(i) for i in np.flatnonzero(dropped)[:10]]
+        report.dropped_rows = [int(i) for i in np.unique(source_rows[dropped])[:10]]
         report.truncated = int(truncated.sum())
         report.completion_truncated = int(completion_cut.sum())
         report.rows_out = len(keep)
@@ -400,7 +405,8 @@ class _StreamCounter:
         dropped, truncated, completion_cut = _fate(prompt_len, completion_len, self.max_length, self.mode)
         r = self.report
         if dropped.any() and len(r.dropped_rows) < 10:
-            r.dropped_rows += [r.rows_out + r.dropped_prompt_too_long + int(i) for i in np.flatnonzero(dropped)][:10]
+            rows = sorted({out["_row"][j] for j in np.flatnonzero(dropped)})
+            r.dropped_rows = (r.dropped_rows + rows)[:10]
             logger.warning("kto_plugin: %s stream: %d rows dropped in this batch (prompt alone >= max_length=%s); "
                            "totals in kto.data_reports[%r]", r.name, int(dropped.sum()), self.max_length, r.name)
         r.rows_in += len(indices)

@@ -161,13 +161,26 @@ def test_iterable_dataset_is_prepared_lazily(order, tokenizer):
     assert len(seen) <= 1  # preparation read at most the first row
     first = list(stream.take(10))
     assert len(seen) < 1200  # one batch of 1000 pairs (and a little look-ahead), not the 4000
-    expected = KTOPlugin(KTOConfig(max_length=160, paired_order=order), tokenizer=tokenizer).prepare_dataset(
-        pairs[:1000])
+    whole = KTOPlugin(KTOConfig(max_length=160, paired_order=order), tokenizer=tokenizer)
+    expected = whole.prepare_dataset(pairs[:1000])
     for got, want in zip(first, expected.select(range(10))):
         assert (got["prompt_ids"], got["completion_ids"], got["label"]) == (
             want["prompt_ids"], want["completion_ids"], want["label"])
     report = kto.data_reports["train"]
     assert report.streaming and report.rows_in == 1000 and report.dropped_prompt_too_long > 0
+    assert report.dropped_prompt_too_long == whole.data_reports["train"].dropped_prompt_too_long
+    assert report.dropped_rows == whole.data_reports["train"].dropped_rows
+    assert report.dropped_rows == [i for i, pair in enumerate(pairs[:40]) if trl_prompt_length(pair, tokenizer) >= 160][:10]
+
+
+def trl_prompt_length(pair, tokenizer):
+    """Tokens TRL keeps as the prompt of a pair's rows (the longer of the two), from TRL's own functions."""
+    from trl.data_utils import common_prefix_length, extract_prompt
+
+    ex = extract_prompt(pair)
+    prompt = tokenizer(ex["prompt"])["input_ids"]
+    return max(common_prefix_length(prompt, tokenizer(ex["prompt"] + ex[side] + tokenizer.eos_token)["input_ids"])
+               for side in ("chosen", "rejected"))
 
 
 def test_dataset_dict_list_and_dict_of_columns(rows, tokenizer):

@@ -36,8 +36,12 @@ def test_spliced_equals_full_encoding(tokenizer, special):
     assert sum(split_point(p, f) > 0 for p, f in data) > 290  # the fast path is taken
     fast = encode(tokenizer, prompts, fulls, special, splice=True)
     slow = encode(tokenizer, prompts, fulls, special, splice=False)
-    assert fast == slow
+    assert fast[:2] == slow[:2]
     assert slow[1][0] == tokenizer(fulls[0][0], add_special_tokens=special)["input_ids"]
+    full_prompts = [p for p, group in zip(slow[0], fulls) for _ in group]
+    for n, p, f in zip(fast[2], full_prompts, slow[1]):  # the common prefix the splice reports
+        if n is not None:
+            assert p[:n] == f[:n] and (n == min(len(p), len(f)) or p[n] != f[n])
 
 
 def test_ineligible_tokenizers_are_encoded_in_full(tokenizer):
@@ -50,6 +54,7 @@ def test_ineligible_tokenizers_are_encoded_in_full(tokenizer):
         data = groups(5)
         prompts, fulls = [p for p, _ in data], [f for _, f in data]
         ids = encode(tok, prompts, fulls, True, splice=False)
+        assert ids[2] == [None] * len(ids[1])
         assert ids[1] == [tok(f)["input_ids"] for group in fulls for f in group]
 
 
@@ -65,5 +70,10 @@ def test_a_wrong_split_falls_back_to_full_encoding(tokenizer, monkeypatch):
 
     data = groups(3)
     prompts, fulls = [p for p, _ in data], [f for _, f in data]
-    monkeypatch.setattr(enc, "split_point", lambda prompt, group: len(prompt) // 2 + 1)  # inside words
-    assert encode(tokenizer, prompts, fulls, True, splice=True) == encode(tokenizer, prompts, fulls, True, splice=False)
+    slow = encode(tokenizer, prompts, fulls, True, splice=False)
+    monkeypatch.setattr(enc, "split_point", lambda prompt, group: 3)  # "\n\nH" + "uman: ...": not a boundary
+    calls = []
+    real = enc.encode
+    monkeypatch.setattr(enc, "encode", lambda *a, **k: calls.append(k.get("splice", a[-1:])) or real(*a, **k))
+    assert real(tokenizer, prompts, fulls, True, splice=True)[:2] == slow[:2]
+    assert calls == [False]  # the check on the first row sent the batch to full encoding
