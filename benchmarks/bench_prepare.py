@@ -94,11 +94,13 @@ def main() -> None:
         sys.exit("token ids differ between TRL and kto_plugin")
     trl_t = statistics.median(times["TRL 1.16 KTOTrainer"])
     our_t = statistics.median(times["kto_plugin prepare_dataset"])
-    print(f"{len(pairs)} implicit-prompt pairs -> {len(ours)} rows (token ids identical{'' if num_proc is None else ', as a multiset'}), num_proc={args.num_proc}, "
-          f"tokenizer threads={'1' if args.tokenizer_threads == 1 else 'all'}, median of {args.rounds}:")
-    print(f"  TRL 1.16 KTOTrainer      {trl_t:7.2f} s")
-    print(f"  kto_plugin prepare_dataset {our_t:5.2f} s")
-    print(f"  ratio (TRL / kto_plugin) {trl_t / our_t:7.1f}x")
+    identical = "token ids identical" + ("" if num_proc is None else ", as a multiset")
+    threads = "1" if args.tokenizer_threads == 1 else "all"
+    print(f"{len(pairs)} implicit-prompt pairs -> {len(ours)} rows ({identical}), num_proc={args.num_proc}, "
+          f"tokenizer threads={threads}, median of {args.rounds}:")
+    print(f"  TRL 1.16 KTOTrainer        {trl_t:6.2f} s")
+    print(f"  kto_plugin prepare_dataset {our_t:6.2f} s")
+    print(f"  ratio (TRL / kto_plugin)   {trl_t / our_t:6.1f}x")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ The ids are exactly those TRL 1.16's `KTOTrainer` puts in its `train_dataset` fo
   would keep no completion token); the collator cuts the rest. ``keep_end`` drops nothing.
 
 Validation, unpairing and tokenization are one batched `datasets.map` over the input: a fast tokenizer encodes a
-thousand rows per call, each pair's prompt is tokenized once, and the result is cached by the input's
+thousand rows per call, each pair's prompt is tokenized once (and, for byte-level BPE tokenizers, not again
+with its completions: `kto_plugin.encoding`), and the result is cached by the input's
 fingerprint (when the input lives in Arrow files), so preparing the same data again does no work.
 """
 
@@ -31,15 +32,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .data_formats import (
-    COLUMNS,
+from .data_formats import (  # noqa: F401  (as_dataset, is_conversational: re-exported)
     CONSUMED,
     IMPLICIT,
     TEXT_COLUMNS,
     UNPAIRED,
-    check_columns_of_rows,
+    as_dataset,
     check_rows,
-    columns_from_dict,
     detect_format,
     extract_prompt,
     is_conversational,
@@ -421,34 +420,3 @@ class _StreamCounter:
         r.n_undesirable += len(keep) - desirable
         r.rows_out += len(keep)
         return {k: [v[j] for j in keep] for k, v in out.items() if k not in _STATS}
-
-
-def as_dataset(data: Any, name: str = "train") -> Any:
-    """A `datasets` object from what users pass: datasets objects as they are, a list of row dicts, a dict of
-    columns. Lists are checked in Python first: Arrow's own conversion errors name neither the row nor the fix."""
-    if isinstance(data, (datasets.Dataset, datasets.DatasetDict, datasets.IterableDataset,
-                         datasets.IterableDatasetDict)):
-        return data
-    if isinstance(data, Mapping):
-        columns_from_dict(data, name)
-        keys = list(data)
-        data = [dict(zip(keys, values)) for values in zip(*(data[k] for k in keys))]
-    if isinstance(data, (list, tuple)):
-        if not data:
-            raise ValueError(f"prepare_dataset: the {name} dataset is an empty list: there are no rows to train on.")
-        bad = next((i for i, row in enumerate(data) if not isinstance(row, Mapping)), None)
-        if bad is not None:
-            raise TypeError(
-                f"prepare_dataset: row {bad} of the {name} list is a {type(data[bad]).__name__}, not a dict. Pass "
-                "a list of row dicts, e.g. [{'prompt': ..., 'completion': ..., 'label': True}, ...]."
-            )
-        fmt = detect_format(list(data[0]), name)
-        check_columns_of_rows(data, fmt, name)
-        first = data[0][TEXT_COLUMNS[fmt][0]]
-        check_rows({c: [row[c] for row in data] for c in COLUMNS[fmt]}, range(len(data)), fmt,
-                   is_conversational(first), name)
-        return datasets.Dataset.from_list([dict(row) for row in data])
-    raise TypeError(
-        f"prepare_dataset takes a datasets.Dataset, IterableDataset, DatasetDict, a list of row dicts or a dict of "
-        f"columns, got {type(data).__name__}."
-    )

@@ -17,6 +17,8 @@ import difflib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import datasets
+
 UNPAIRED, PAIRED, IMPLICIT = "unpaired", "paired", "implicit_prompt"
 COLUMNS = {
     UNPAIRED: ("prompt", "completion", "label"),
@@ -164,3 +166,34 @@ def columns_from_dict(data: Mapping[str, Any], name: str) -> None:
                 "every column of a dict of columns needs one value per row. Fix the lists, or pass a list of "
                 "row dicts."
             )
+
+
+def as_dataset(data: Any, name: str = "train") -> Any:
+    """A `datasets` object from what users pass: datasets objects as they are, a list of row dicts, a dict of
+    columns. Lists are checked in Python first: Arrow's own conversion errors name neither the row nor the fix."""
+    if isinstance(data, (datasets.Dataset, datasets.DatasetDict, datasets.IterableDataset,
+                         datasets.IterableDatasetDict)):
+        return data
+    if isinstance(data, Mapping):
+        columns_from_dict(data, name)
+        keys = list(data)
+        data = [dict(zip(keys, values)) for values in zip(*(data[k] for k in keys))]
+    if isinstance(data, (list, tuple)):
+        if not data:
+            raise ValueError(f"prepare_dataset: the {name} dataset is an empty list: there are no rows to train on.")
+        bad = next((i for i, row in enumerate(data) if not isinstance(row, Mapping)), None)
+        if bad is not None:
+            raise TypeError(
+                f"prepare_dataset: row {bad} of the {name} list is a {type(data[bad]).__name__}, not a dict. Pass "
+                "a list of row dicts, e.g. [{'prompt': ..., 'completion': ..., 'label': True}, ...]."
+            )
+        fmt = detect_format(list(data[0]), name)
+        check_columns_of_rows(data, fmt, name)
+        first = data[0][TEXT_COLUMNS[fmt][0]]
+        check_rows({c: [row[c] for row in data] for c in COLUMNS[fmt]}, range(len(data)), fmt,
+                   is_conversational(first), name)
+        return datasets.Dataset.from_list([dict(row) for row in data])
+    raise TypeError(
+        f"prepare_dataset takes a datasets.Dataset, IterableDataset, DatasetDict, a list of row dicts or a dict of "
+        f"columns, got {type(data).__name__}."
+    )
