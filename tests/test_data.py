@@ -335,6 +335,18 @@ def test_tokenizer_without_eos(tok):
     kto = KTOPlugin(KTOConfig(), tokenizer=tok)
     with pytest.raises(ValueError, match=r"no eos_token.*tokenizer.eos_token ="):
         kto.prepare_dataset([{"prompt": "a", "completion": "b", "label": True}])
+    tok.pad_token = None
+    with pytest.raises(ValueError, match=r"neither a pad token nor an EOS token"):
+        KTOPlugin(KTOConfig(), tokenizer=tok)
+
+
+def test_num_proc_gives_the_same_rows(tokenizer):
+    pairs = paired_rows("implicit", n=30)
+    one = KTOPlugin(KTOConfig(max_length=160), tokenizer=tokenizer)
+    two = KTOPlugin(KTOConfig(max_length=160, dataset_num_proc=2), tokenizer=tokenizer)
+    a, b = prepare(one, pairs), prepare(two, pairs)
+    assert_same_tokens(a, b)
+    assert one.data_reports["train"] == two.data_reports["train"]
 
 
 def test_completion_empty_after_tokenization(tok):
