@@ -394,3 +394,28 @@ def test_balance_report_suggests_desirable_weight(tokenizer):
     kto = KTOPlugin(KTOConfig(desirable_weight=3.5), tokenizer=tokenizer)
     kto.prepare_dataset(data)
     assert kto.data_reports["train"].balance is None
+
+
+def test_a_prepared_stream_trains(model, tokenizer, tmp_path):
+    import math
+
+    from transformers import Trainer
+
+    from helpers import args
+
+    pairs = paired_rows("implicit", n=8)
+
+    def gen():
+        yield from pairs
+
+    kto = KTOPlugin(KTOConfig(max_length=96, truncation_mode="keep_end", paired_order="interleaved"),
+                    tokenizer=tokenizer)
+    trainer = Trainer(model=model, args=args(tmp_path, max_steps=2),
+                      train_dataset=kto.prepare_dataset(IterableDataset.from_generator(gen)),
+                      data_collator=kto.collator)
+    kto.attach(trainer)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    report = kto.data_reports["train"]
+    assert report.rows_in == 8 and report.rows_out == 16 and report.n_desirable == report.n_undesirable == 8
