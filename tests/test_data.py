@@ -419,3 +419,36 @@ def test_a_prepared_stream_trains(model, tokenizer, tmp_path):
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     report = kto.data_reports["train"]
     assert report.rows_in == 8 and report.rows_out == 16 and report.n_desirable == report.n_undesirable == 8
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_precomputed_reference_uses_the_same_truncation(mode, base_model, tokenizer, rows, tmp_path):
+    """Reference log-probs precomputed at attach() are those of the sequences the documented rule keeps."""
+    import torch
+    from transformers import Trainer
+
+    from helpers import args
+    from reference_impl import naive_completion_logps
+
+    kto = KTOPlugin(KTOConfig(max_length=48, max_prompt_length=24 if mode == "keep_end" else None,
+                              truncation_mode=mode, precompute_ref_log_probs=True, precompute_cache=False),
+                    tokenizer=tokenizer)
+    data = prepare(kto, rows[:16])
+    trainer = Trainer(model=copy.deepcopy(base_model), args=args(tmp_path), train_dataset=data,
+                      data_collator=kto.collator)
+    kto.attach(trainer)
+    stored = trainer.train_dataset["ref_logps"]
+    assert kto.data_reports["train"].truncated > 0
+    for row, ref in zip(data, stored):
+        prompt, completion = row["prompt_ids"], row["completion_ids"]
+        if len(prompt) + len(completion) > 48:  # the rule README "Truncation" states
+            if mode == "keep_start":
+                completion = completion[: 48 - len(prompt)]
+            else:
+                prompt = prompt[len(prompt) + len(completion) - 48:] if len(completion) < 48 else prompt[:1]
+                completion = completion if len(completion) < 48 else completion[:47]
+        ids = torch.tensor([prompt + completion])
+        mask = torch.tensor([[0] * len(prompt) + [1] * len(completion)])
+        with torch.no_grad():
+            expected = naive_completion_logps(base_model(ids).logits, ids, mask)[0].item()
+        assert ref == pytest.approx(expected, rel=1e-4, abs=1e-4)
