@@ -452,3 +452,21 @@ def test_precomputed_reference_uses_the_same_truncation(mode, base_model, tokeni
         with torch.no_grad():
             expected = naive_completion_logps(base_model(ids).logits, ids, mask)[0].item()
         assert ref == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("chosen,rejected", [
+    ("The sky is blue.", "The sky is green."),  # a space before the divergence goes to the completions
+    ("Same text", "Same text"),
+    ("Short", "Short and longer"),
+    ("Q: x? A: yes", "Q: x? A:  no"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "c"}]),
+    ([{"role": "user", "content": "a"}], [{"role": "user", "content": "a"}, {"role": "assistant", "content": "c"}]),
+])
+def test_extract_prompt_is_trls(chosen, rejected):
+    from trl.data_utils import extract_prompt as trl_extract_prompt
+
+    from kto_plugin.data_formats import extract_prompt
+
+    theirs = trl_extract_prompt({"chosen": chosen, "rejected": rejected})
+    assert extract_prompt(chosen, rejected) == (theirs["prompt"], theirs["chosen"], theirs["rejected"])
