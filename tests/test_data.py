@@ -190,6 +190,13 @@ def test_dataset_dict_list_and_dict_of_columns(rows, tokenizer):
     assert kto.prepare_dataset(rows[:6])["prompt_ids"] == dd["train"]["prompt_ids"][:6]
     columns = {k: [r[k] for r in rows[:6]] for k in ("prompt", "completion", "label")}
     assert kto.prepare_dataset(columns)["completion_ids"] == dd["train"]["completion_ids"][:6]
+    from datasets import IterableDatasetDict
+
+    streams = kto.prepare_dataset(IterableDatasetDict(
+        train=Dataset.from_list(rows[:10]).to_iterable_dataset(), test=Dataset.from_list(rows[10:14]).to_iterable_dataset()))
+    assert isinstance(streams, IterableDatasetDict) and set(streams) == {"train", "test"}
+    assert [r["prompt_ids"] for r in streams["test"]] == dd["test"]["prompt_ids"]
+    assert kto.data_reports["test"].streaming and kto.data_reports["test"].rows_in == 4
 
 
 def test_second_run_loads_from_cache(rows, tokenizer, tmp_path):
