@@ -15,6 +15,8 @@ PEFT_REFERENCES = ("auto", "initial_adapter", "base")
 KL_ESTIMATES = ("batch", "window")
 NONFINITE_POLICIES = ("warn", "raise", "skip")
 
+PAIRED_ORDERS = ("trl", "interleaved")
+
 
 @dataclass
 class KTOConfig:
@@ -85,6 +87,15 @@ class KTOConfig:
         metadata={
             "help": "Maximum completion tokens (documented KTOTrainer API): longer completions keep their first "
             "tokens, cut at preparation and counted. None: no separate completion limit."
+        },
+    )
+    paired_order: str = field(
+        default="trl",
+        metadata={
+            "help": "Order of the unpaired rows made from paired data: 'trl' (TRL 1.16: the chosen rows of each "
+            "block of 1000 pairs, then their rejected rows) or 'interleaved' (chosen, rejected, chosen, ...: "
+            "every sequential batch holds both labels).",
+            "choices": list(PAIRED_ORDERS),
         },
     )
     pad_to_multiple_of: int | None = field(
@@ -304,6 +315,8 @@ class KTOConfig:
             raise ValueError(
                 f"KTOConfig.truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}."
             )
+        if self.paired_order not in PAIRED_ORDERS:
+            raise ValueError(f"KTOConfig.paired_order must be one of {PAIRED_ORDERS}, got {self.paired_order!r}.")
         if self.peft_reference not in PEFT_REFERENCES:
             raise ValueError(
                 f"KTOConfig.peft_reference must be one of {PEFT_REFERENCES}, got {self.peft_reference!r}."

@@ -1,101 +1,64 @@
-"""Dataset preparation: unpaired `{prompt, completion, label}` rows (plain text or conversational) to token ids.
+"""Dataset preparation: every preference format (see `kto_plugin.data_formats`) to KTO token ids.
 
 The ids are exactly those TRL 1.16's `KTOTrainer` puts in its `train_dataset` for the same tokenizer:
 
+* paired rows become two unpaired rows (chosen -> True, rejected -> False); an implicit prompt is the shared
+  start of chosen and rejected (TRL's `extract_prompt`);
 * plain text: the tokenizer's EOS is appended to the completion text unless it already ends with it; prompt and
   prompt+completion are tokenized with the tokenizer's special tokens (so a BOS is added where the tokenizer adds
   one), and the completion is what follows the longest common prefix of the two;
 * conversational (lists of ``{"role", "content"}`` messages): the prompt is rendered with the chat template and
-  ``add_generation_prompt=True``, prompt+completion without, both tokenized without extra special tokens;
-* rows whose prompt alone reaches `max_length` are dropped (they would keep no completion token).
+  ``add_generation_prompt=True``, prompt+completion without, both tokenized without extra special tokens; a
+  ``tools`` column (list or JSON string) and a ``chat_template_kwargs`` column are passed to the template;
+* with ``truncation_mode="keep_start"`` (TRL's) rows whose prompt alone reaches `max_length` are dropped (they
+  would keep no completion token); the collator cuts the rest. ``keep_end`` drops nothing.
 
-Tokenization is batched (`datasets.map(batched=True)`), so a fast tokenizer encodes many rows per call.
+Validation, unpairing and tokenization are one batched `datasets.map` over the input: a fast tokenizer encodes a
+thousand rows per call, each pair's prompt is tokenized once (and, for byte-level BPE tokenizers, not again
+with its completions: `kto_plugin.encoding`), and the result is cached by the input's
+fingerprint (when the input lives in Arrow files), so preparing the same data again does no work.
 """
 
 from __future__ import annotations
 
-import difflib
-import json
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .data_formats import (  # noqa: F401  (as_dataset, is_conversational: re-exported)
+    CONSUMED,
+    IMPLICIT,
+    TEXT_COLUMNS,
+    UNPAIRED,
+    as_dataset,
+    check_rows,
+    detect_format,
+    extract_prompt,
+    is_conversational,
+)
+from .encoding import can_splice, encode
+from .guidance import balance_advice
+from .warnings import KTOPluginWarning
 
 logger = logging.getLogger("kto_plugin")
 
-REQUIRED_COLUMNS = ("prompt", "completion", "label")
 TOKEN_COLUMNS = ("prompt_ids", "completion_ids", "label")
+
+# TRL unpairs with `datasets.map(batched=True)` at its default batch of 1000 pairs: the chosen rows of each
+# block of 1000 pairs, then their rejected rows.
+TRL_UNPAIR_BLOCK = 1000
 _MAP_BATCH = 1000
-
-
-@dataclass
-class DataReport:
-    """What preparation did to one dataset: nothing is dropped or cut without being counted here."""
-
-    name: str
-    rows_in: int = 0
-    rows_out: int = 0
-    n_desirable: int = 0
-    n_undesirable: int = 0
-    dropped_prompt_too_long: int = 0
-    truncated: int = 0  # rows whose prompt+completion exceeds max_length (cut in the collator)
-    completion_limited: int = 0  # rows whose completion was cut to max_completion_length
-    prompt_boundary_mismatch: int = 0  # rows whose tokenized prompt is not a prefix of prompt+completion
-    notes: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        parts = [
-            f"{self.name}: {self.rows_out}/{self.rows_in} rows kept",
-            f"{self.n_desirable} desirable / {self.n_undesirable} undesirable",
-        ]
-        if self.dropped_prompt_too_long:
-            parts.append(f"{self.dropped_prompt_too_long} dropped (prompt alone >= max_length)")
-        if self.completion_limited:
-            parts.append(f"{self.completion_limited} completions cut to max_completion_length")
-        if self.truncated:
-            parts.append(f"{self.truncated} truncated to max_length")
-        if self.prompt_boundary_mismatch:
-            parts.append(
-                f"{self.prompt_boundary_mismatch} with a prompt/completion token boundary that merges "
-                "(completion starts where the tokenizations diverge)"
-            )
-        return "; ".join(parts)
-
-
-def _closest(name: str, options: Sequence[str]) -> str:
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" Did you mean {match[0]!r}?" if match else ""
-
-
-def is_conversational(value: Any) -> bool:
-    """True for a non-empty list of ``{"role": ..., ...}`` messages."""
-    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], Mapping) and "role" in value[0]
-
-
-def _as_dataset(data: Any, name: str = "train") -> Any:
-    if isinstance(data, (datasets.Dataset, datasets.DatasetDict)):
-        return data
-    if isinstance(data, list):
-        if not data:
-            raise ValueError("prepare_dataset got an empty list: there are no rows to train on.")
-        if not all(isinstance(row, Mapping) for row in data):
-            bad = next(i for i, row in enumerate(data) if not isinstance(row, Mapping))
-            raise TypeError(f"prepare_dataset: row {bad} of the list is a {type(data[bad]).__name__}, not a dict.")
-        # check in Python first: Arrow's own conversion errors name neither the row nor the fix
-        validate_columns(list(data[0]), name)
-        for i, row in enumerate(data):
-            missing = [c for c in REQUIRED_COLUMNS if c not in row]
-            if missing:
-                raise ValueError(f"{name} dataset, row {i}: missing {missing} (row 0 has them).")
-        _check_rows({c: [row[c] for row in data] for c in REQUIRED_COLUMNS}, 0, name)
-        return datasets.Dataset.from_list([dict(row) for row in data])
-    raise TypeError(
-        f"prepare_dataset takes a datasets.Dataset, DatasetDict or a list of dicts, got {type(data).__name__}."
-    )
-
-
+_STATS = ("_mismatch", "_prompt_cut", "_completion_cut", "_row")
+# the input row's position (a pair's, for paired rows), kept through drops: names rows in non-finite reports
+# (`kto_plugin.nonfinite`); a `row_index` column of the user's own is kept instead
+ROW_INDEX = "row_index"
 IMAGE_COLUMNS = ("images", "image")
 VLM_ALTERNATIVE = (
     "kto_plugin trains text-only language models (decoder-only or encoder-decoder). For KTO on a vision-language "
@@ -104,49 +67,77 @@ VLM_ALTERNATIVE = (
 )
 
 
-def validate_columns(column_names: Sequence[str], name: str) -> None:
-    """Raise a clear error for a missing `prompt`/`completion`/`label` column, with the closest name present, and
-    for image columns (vision-language rows are not supported)."""
+def refuse_images(column_names: Sequence[str], name: str) -> None:
+    """Vision-language rows are not supported: refuse an image column with the alternative."""
     images = [c for c in IMAGE_COLUMNS if c in column_names]
     if images:
         raise NotImplementedError(
             f"{name} dataset has an image column {images[0]!r}: vision-language rows are not supported. "
             f"{VLM_ALTERNATIVE} To train on the text alone, drop it first: dataset.remove_columns({images[0]!r})."
         )
-    for column in REQUIRED_COLUMNS:
-        if column not in column_names:
-            raise ValueError(
-                f"{name} dataset has no {column!r} column (columns: {list(column_names)}).{_closest(column, column_names)} "
-                "KTO rows are {'prompt': ..., 'completion': ..., 'label': bool}: rename the column with "
-                "dataset.rename_column(old, new)."
-            )
 
 
-def _check_rows(batch: Mapping[str, list], offset: int, name: str) -> None:
-    conversational = is_conversational(batch["prompt"][0]) if batch["prompt"] else False
-    for i, (prompt, completion, label) in enumerate(zip(batch["prompt"], batch["completion"], batch["label"])):
-        row = offset + i
-        if not isinstance(label, bool):
-            raise ValueError(
-                f"{name} dataset, row {row}: 'label' is {label!r} ({type(label).__name__}); it must be a bool "
-                "(True = desirable, False = undesirable). Convert it, e.g. "
-                "dataset.map(lambda r: {'label': r['label'] in ('yes', 'true', 1)})."
+@dataclass
+class DataReport:
+    """What preparation did to one dataset: nothing is dropped or cut without being counted here.
+
+    For a streamed (`IterableDataset`) input the counts grow as rows are read (in the reading process).
+    """
+
+    name: str
+    format: str = UNPAIRED
+    conversational: bool = False
+    order: str | None = None  # paired formats: "trl" or "interleaved"
+    streaming: bool = False
+    rows_in: int = 0  # input rows (pairs for a paired format)
+    rows_out: int = 0
+    n_desirable: int = 0
+    n_undesirable: int = 0
+    dropped_prompt_too_long: int = 0  # keep_start: prompt alone >= max_length (no completion token would be left)
+    dropped_rows: list[int] = field(default_factory=list)  # input row indices (pairs for paired) of drops, first 10
+    truncated: int = 0  # rows the collator cuts to max_length
+    completion_truncated: int = 0  # of those, rows that lose completion tokens
+    prompt_truncated: int = 0  # prompts cut to max_prompt_length at preparation
+    completion_limited: int = 0  # completions cut to max_completion_length at preparation
+    prompt_boundary_mismatch: int = 0  # tokenized prompt not a prefix of prompt+completion
+    balance: str | None = None  # the paper's eq. 8 advice when desirable/undesirable are out of balance
+
+    def summary(self) -> str:
+        kind = f"{'conversational ' if self.conversational else ''}{self.format}"
+        if self.order:
+            kind += f", {self.order} order"
+        parts = [
+            f"{self.name} ({kind}{', streaming: counts so far' if self.streaming else ''}): "
+            f"{self.rows_out} rows from {self.rows_in} input rows",
+            f"{self.n_desirable} desirable / {self.n_undesirable} undesirable",
+        ]
+        if self.dropped_prompt_too_long:
+            parts.append(
+                f"{self.dropped_prompt_too_long} dropped: prompt alone >= max_length, no completion token would "
+                "remain (raise max_length, or set max_prompt_length or truncation_mode='keep_end')"
             )
-        for column, value in (("prompt", prompt), ("completion", completion)):
-            if value is None or (isinstance(value, (str, list)) and len(value) == 0):
-                raise ValueError(
-                    f"{name} dataset, row {row}: {column!r} is {value!r}. Every row needs a non-empty prompt and "
-                    "completion: filter such rows out first (dataset.filter(...))."
-                )
-            if is_conversational(value) != conversational or not isinstance(value, (str, list)):
-                kind = "conversational" if conversational else "plain text"
-                raise ValueError(
-                    f"{name} dataset, row {row}: {column!r} is {type(value).__name__} but row {offset} is {kind}. "
-                    "Use one format for all rows: strings, or lists of {'role', 'content'} messages."
-                )
+        if self.prompt_truncated:
+            parts.append(f"{self.prompt_truncated} prompts cut to max_prompt_length (their last tokens kept)")
+        if self.completion_limited:
+            parts.append(f"{self.completion_limited} completions cut to max_completion_length (their first tokens kept)")
+        if self.truncated:
+            parts.append(
+                f"{self.truncated} cut to max_length by the collator ({self.completion_truncated} lose completion "
+                "tokens)"
+            )
+        if self.prompt_boundary_mismatch:
+            parts.append(
+                f"{self.prompt_boundary_mismatch} with a prompt/completion token boundary that merges "
+                "(completion starts where the tokenizations diverge)"
+            )
+        if self.balance:
+            parts.append(self.balance)
+        return "; ".join(parts)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    if b[: len(a)] == a:  # the usual case, compared in C
+        return len(a)
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -155,136 +146,342 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _tokenize_batch(
-    batch: Mapping[str, list], tokenizer: Any, max_prompt_length: int | None, max_completion_length: int | None = None,
+def _render(tokenizer: Any, messages: list, tools: Any, extra: Mapping | None, generation: bool) -> str:
+    kwargs = {"tools": tools, "tokenize": False, **(extra or {})}
+    if generation:
+        kwargs["add_generation_prompt"] = True
+    return tokenizer.apply_chat_template(messages, **kwargs)
+
+
+def _prepare_batch(
+    batch: Mapping[str, list],
+    indices: list[int],
+    *,
+    tokenizer: Any,
+    fmt: str,
+    conversational: bool,
+    name: str,
+    max_prompt_length: int | None,
+    chosen_first: bool,
+    splice: bool = False,
+    max_completion_length: int | None = None,
     separate: bool = False,
 ) -> dict[str, list]:
-    prompts, completions = batch["prompt"], batch["completion"]
-    if is_conversational(prompts[0]):
+    """Validate, unpair and tokenize a batch of input rows; one output row per completion, with `_src`, the
+    position in `batch` of the row it came from (other columns are carried by the caller).
+
+    Paired rows come out as (chosen, rejected) per pair, or with `chosen_first` all chosen rows of the batch
+    first (TRL's order for a batch of 1000 aligned pairs). `max_completion_length` keeps a completion's first
+    tokens (the documented KTOTrainer meaning). `separate` (encoder-decoder models): prompt and completion are
+    tokenized as separate sequences, each with the tokenizer's special tokens.
+    """
+    check_rows(batch, indices, fmt, conversational, name)
+    if fmt == UNPAIRED:
+        prompts = list(batch["prompt"])
+        completions = [[c] for c in batch["completion"]]
+        labels = [[bool(x)] for x in batch["label"]]
+    else:
+        if fmt == IMPLICIT:
+            prompts, completions = [], []
+            for row, chosen, rejected in zip(indices, batch["chosen"], batch["rejected"]):
+                prompt, good, bad = extract_prompt(chosen, rejected)
+                if len(prompt) == 0:
+                    raise ValueError(
+                        f"{name} dataset, row {row}: 'chosen' and 'rejected' share no common start, so the implicit "
+                        "prompt is empty. Give these rows a 'prompt' column ({'prompt', 'chosen', 'rejected'}), or "
+                        "filter them out."
+                    )
+                prompts.append(prompt)
+                completions.append([good, bad])
+        else:
+            prompts = list(batch["prompt"])
+            completions = [[c, r] for c, r in zip(batch["chosen"], batch["rejected"])]
+        labels = [[True, False] for _ in prompts]
+
+    if conversational:
         tools_column = batch.get("tools")
         kwargs_column = batch.get("chat_template_kwargs")
         prompt_texts, full_texts = [], []
-        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        for i, (prompt, comps) in enumerate(zip(prompts, completions)):
             tools = tools_column[i] if tools_column is not None else None
-            tools = json.loads(tools) if isinstance(tools, str) else tools
-            extra = dict(kwargs_column[i] or {}) if kwargs_column is not None else {}
-            template_kwargs = {"tools": tools or None, "tokenize": False, **extra}
-            prompt_texts.append(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **template_kwargs))
-            full_texts.append(tokenizer.apply_chat_template(prompt + completion, **template_kwargs))
+            if isinstance(tools, str):
+                import json
+
+                tools = json.loads(tools)
+            extra = kwargs_column[i] if kwargs_column is not None else None
+            prompt_texts.append(_render(tokenizer, prompt, tools, extra, generation=True))
+            full_texts.append([_render(tokenizer, prompt + c, tools, extra, generation=False) for c in comps])
         special = False
     else:
         eos = tokenizer.eos_token
-        completions = [c if c.endswith(eos) else c + eos for c in completions]
-        prompt_texts = list(prompts)
-        full_texts = [p + c for p, c in zip(prompts, completions)]
+        prompt_texts = prompts
+        full_texts = [[p + (c if c.endswith(eos) else c + eos) for c in comps] for p, comps in zip(prompts, completions)]
         special = True
-    prompt_ids = tokenizer(prompt_texts, add_special_tokens=special)["input_ids"]
     if separate and special:
-        # encoder-decoder: prompt and completion are separate sequences, each with the tokenizer's special tokens
-        # (a T5 tokenizer appends EOS to both); the completion keeps exactly one EOS at its end
-        eos_id = tokenizer.eos_token_id
-        completion_ids = tokenizer([c.removesuffix(tokenizer.eos_token) for c in completions])["input_ids"]
-        completion_ids = [c if c and c[-1] == eos_id else c + [eos_id] for c in completion_ids]
-        full_ids = [p + c for p, c in zip(prompt_ids, completion_ids)]
+        prompt_ids, full_ids, prefixes = _encode_separately(tokenizer, prompt_texts, completions)
     else:
-        full_ids = tokenizer(full_texts, add_special_tokens=special)["input_ids"]
-    out_prompt, out_completion, mismatch, cut = [], [], [], []
-    for p_ids, f_ids in zip(prompt_ids, full_ids):
-        n = _common_prefix(p_ids, f_ids)
-        mismatch.append(n < len(p_ids))
-        prompt = f_ids[:n]
-        if max_prompt_length is not None and len(prompt) > max_prompt_length:
-            # keep the end of the prompt (the turns nearest the completion), and a leading BOS if there is one
-            head = prompt[:1] if prompt[0] == tokenizer.bos_token_id else []
-            prompt = head + prompt[len(prompt) - max_prompt_length + len(head) :]
-        completion = f_ids[n:]
-        # documented KTOTrainer meaning: the completion keeps its first max_completion_length tokens
-        cut.append(max_completion_length is not None and len(completion) > max_completion_length)
-        if cut[-1]:
-            completion = completion[:max_completion_length]
-        out_prompt.append(prompt)
-        out_completion.append(completion)
-    return {
-        "prompt_ids": out_prompt,
-        "completion_ids": out_completion,
-        "_mismatch": mismatch,
-        "_completion_cut": cut,
-        "_prompt_len": [len(p) for p in out_prompt],
-        "_completion_len": [len(c) for c in out_completion],
-    }
+        prompt_ids, full_ids, prefixes = encode(tokenizer, prompt_texts, full_texts, special, splice)
+    full_ids, prefixes = iter(full_ids), iter(prefixes)
+
+    bos = tokenizer.bos_token_id
+    out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "label": [], "_mismatch": [], "_prompt_cut": [],
+                            "_completion_cut": [], "_src": [], "_row": []}
+    for i, (p_ids, row_labels) in enumerate(zip(prompt_ids, labels)):
+        for label in row_labels:
+            f_ids = next(full_ids)
+            n = next(prefixes)
+            if n is None:
+                n = _common_prefix(p_ids, f_ids)
+            completion = f_ids[n:]
+            if not completion:
+                column = "completion" if fmt == UNPAIRED else ("chosen" if label else "rejected")
+                raise ValueError(
+                    f"{name} dataset, row {indices[i]}: {column!r} has no tokens after the prompt (the chat template "
+                    "renders nothing for it, or its text merges into the prompt's last token). Give it content, "
+                    "or filter the row out."
+                )
+            completion_cut = max_completion_length is not None and len(completion) > max_completion_length
+            if completion_cut:
+                completion = completion[:max_completion_length]
+            prompt = f_ids[:n]
+            cut = max_prompt_length is not None and len(prompt) > max_prompt_length
+            if cut:
+                # keep the end of the prompt (the turns nearest the completion), and a leading BOS if there is one
+                head = prompt[:1] if prompt[0] == bos else []
+                prompt = head + prompt[len(prompt) - max_prompt_length + len(head) :]
+            out["prompt_ids"].append(prompt)
+            out["completion_ids"].append(completion)
+            out["label"].append(label)
+            out["_mismatch"].append(n < len(p_ids))
+            out["_prompt_cut"].append(cut)
+            out["_completion_cut"].append(completion_cut)
+            out["_src"].append(i)
+            out["_row"].append(indices[i])
+    if chosen_first and fmt != UNPAIRED:
+        order = list(range(0, len(out["label"]), 2)) + list(range(1, len(out["label"]), 2))
+        out = {k: [v[j] for j in order] for k, v in out.items()}
+    return out
 
 
-ROW_INDEX = "row_index"
+_IDS = pa.list_(pa.int64())
 
 
-def prepare_split(
-    dataset: datasets.Dataset,
-    tokenizer: Any,
-    name: str,
-    max_length: int | None,
-    max_prompt_length: int | None,
-    num_proc: int | None,
-    max_completion_length: int | None = None,
-    separate: bool = False,
-) -> tuple[datasets.Dataset, DataReport]:
-    """Validate and tokenize one split; returns the prepared split and its report."""
-    report = DataReport(name=name, rows_in=len(dataset))
-    validate_columns(dataset.column_names, name)
-    if len(dataset) == 0:
-        raise ValueError(f"{name} dataset is empty: there are no rows to train on.")
-    if tokenizer.eos_token is None:
-        raise ValueError(
-            "The tokenizer has no eos_token: KTO appends EOS to plain-text completions so the model learns to stop. "
-            "Set one: tokenizer.eos_token = '...'."
+def _encode_separately(
+    tokenizer: Any, prompt_texts: list[str], completions: list[list[str]]
+) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """Encoder-decoder: prompt and each completion tokenized apart, with special tokens (a T5 tokenizer appends
+    EOS to both); each completion keeps exactly one EOS at its end. Returns `encode`'s triple, with the
+    prompt+completion ids and the prompt length as prefix."""
+    eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    prompt_ids = tokenizer(list(prompt_texts))["input_ids"]
+    flat = [c.removesuffix(eos) for comps in completions for c in comps]
+    completion_ids = iter(tokenizer(flat)["input_ids"] if flat else [])
+    full_ids, prefixes = [], []
+    for p_ids, comps in zip(prompt_ids, completions):
+        for _ in comps:
+            c_ids = next(completion_ids)
+            c_ids = c_ids if c_ids and c_ids[-1] == eos_id else c_ids + [eos_id]
+            full_ids.append(p_ids + c_ids)
+            prefixes.append(len(p_ids))
+    return prompt_ids, full_ids, prefixes
+
+
+def _prepare_table(table: pa.Table, indices: list[int], **kwargs: Any) -> pa.Table:
+    """`_prepare_batch` from and to Arrow: token ids converted in C, other columns carried with their types."""
+    batch = {c: table.column(c).to_pylist() for c in table.column_names if c in CONSUMED or c == "label"}
+    out = _prepare_batch(batch, indices, **kwargs)
+    src = pa.array(out.pop("_src"), type=pa.int64())
+    columns = {key: pa.array(out[key], type=_IDS) for key in ("prompt_ids", "completion_ids")}
+    columns.update({key: pa.array(out[key], type=pa.bool_())
+                    for key in ("label", "_mismatch", "_prompt_cut", "_completion_cut")})
+    columns["_row"] = pa.array(out["_row"], type=pa.int64())
+    for c in table.column_names:
+        if c not in CONSUMED and c != "label":
+            columns[c] = table.column(c).take(src)
+    return pa.table(columns)
+
+
+def _fate(prompt_len: np.ndarray, completion_len: np.ndarray, max_length: int | None, mode: str):
+    """(dropped, truncated, completion truncated) masks, as the collator will cut (see `KTOCollator._join`)."""
+    none = np.zeros(len(prompt_len), dtype=bool)
+    if max_length is None:
+        return none, none, none
+    total = prompt_len + completion_len
+    if mode == "keep_end":
+        truncated = total > max_length
+        return none, truncated, completion_len >= max_length
+    dropped = prompt_len >= max_length
+    truncated = ~dropped & (total > max_length)
+    return dropped, truncated, truncated
+
+
+def _trl_order(n_rows: int) -> np.ndarray:
+    """Positions of TRL's unpaired order in our (chosen, rejected)-per-pair output of `n_rows` rows."""
+    pairs = n_rows // 2
+    parts = []
+    for start in range(0, pairs, TRL_UNPAIR_BLOCK):
+        block = np.arange(start, min(start + TRL_UNPAIR_BLOCK, pairs))
+        parts += [2 * block, 2 * block + 1]
+    return np.concatenate(parts) if parts else np.arange(0)
+
+
+class Preparer:
+    """Prepares splits for one tokenizer and `KTOConfig`; `__call__` takes one split (map-style or streamed)."""
+
+    def __init__(self, tokenizer: Any, config: Any) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+
+    def _check(self, fmt: str, conversational: bool, name: str) -> None:
+        tok = self.tokenizer
+        if conversational and getattr(tok, "chat_template", None) is None:
+            raise ValueError(
+                f"{name} dataset is conversational (lists of {{'role', 'content'}} messages) but the tokenizer has "
+                "no chat template to render them. Set one before preparing: tokenizer.chat_template = "
+                "AutoTokenizer.from_pretrained('<the instruct model you start from>').chat_template, or a Jinja "
+                "string of your own (see transformers' chat templating docs); or pass plain-text rows."
+            )
+        if not conversational and tok.eos_token is None:
+            raise ValueError(
+                f"{name} dataset is plain text and the tokenizer has no eos_token: KTO appends EOS to plain-text "
+                "completions so the model learns to stop. Set one: tokenizer.eos_token = '</s>' (the token your "
+                "model ends sequences with)."
+            )
+
+    def _fn_kwargs(self, fmt: str, conversational: bool, name: str, chosen_first: bool) -> dict[str, Any]:
+        return {
+            "tokenizer": self.tokenizer,
+            "fmt": fmt,
+            "conversational": conversational,
+            "name": name,
+            "max_prompt_length": self.config.max_prompt_length,
+            "chosen_first": chosen_first,
+            "splice": can_splice(self.tokenizer),
+            "max_completion_length": self.config.max_completion_length,
+            "separate": bool(self.config.is_encoder_decoder),
+        }
+
+    def __call__(self, dataset: Any, name: str) -> tuple[Any, DataReport]:
+        if isinstance(dataset, datasets.IterableDataset):
+            return self._stream(dataset, name)
+        refuse_images(dataset.column_names, name)
+        fmt = detect_format(dataset.column_names, name)
+        if len(dataset) == 0:
+            raise ValueError(f"{name} dataset is empty: there are no rows to train on.")
+        conversational = is_conversational(dataset[0][TEXT_COLUMNS[fmt][0]])
+        self._check(fmt, conversational, name)
+        paired = fmt != UNPAIRED
+        report = DataReport(name=name, format=fmt, conversational=conversational, rows_in=len(dataset),
+                            order=self.config.paired_order if paired else None)
+        tokenized = dataset.with_format("arrow").map(
+            _prepare_table,
+            batched=True,
+            batch_size=_MAP_BATCH,
+            with_indices=True,
+            num_proc=self.config.dataset_num_proc,
+            fn_kwargs=self._fn_kwargs(fmt, conversational, name, chosen_first=False),
+            remove_columns=[c for c in dataset.column_names if c in CONSUMED or c == "label"],
+            desc=f"Preparing {name} dataset",
+        ).with_format(None)
+        table = tokenized.data
+        prompt_len = pc.list_value_length(table.column("prompt_ids")).to_numpy(zero_copy_only=False)
+        completion_len = pc.list_value_length(table.column("completion_ids")).to_numpy(zero_copy_only=False)
+        labels = table.column("label").to_numpy(zero_copy_only=False).astype(bool)
+        report.prompt_boundary_mismatch = int(pc.sum(table.column("_mismatch")).as_py() or 0)
+        report.prompt_truncated = int(pc.sum(table.column("_prompt_cut")).as_py() or 0)
+        report.completion_limited = int(pc.sum(table.column("_completion_cut")).as_py() or 0)
+        source_rows = table.column("_row").to_numpy()
+        if ROW_INDEX in tokenized.column_names:
+            tokenized = tokenized.remove_columns(list(_STATS))
+        else:
+            tokenized = tokenized.remove_columns([c for c in _STATS if c != "_row"]).rename_column("_row", ROW_INDEX)
+        dropped, truncated, completion_cut = _fate(
+            prompt_len, completion_len, self.config.max_length, self.config.truncation_mode
         )
-    # validation reads only the three columns, in large batches, before any tokenization
-    checked = dataset.select_columns(list(REQUIRED_COLUMNS))
-    for start in range(0, len(checked), 10_000):
-        _check_rows(checked[start : start + 10_000], start, name)
-    conversational = is_conversational(dataset[0]["prompt"])
-    if conversational and getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
-            f"{name} dataset is conversational but the tokenizer has no chat template. Set one, e.g. "
-            "tokenizer.chat_template = '{% for m in messages %}...{% endfor %}', or load a tokenizer that has one."
-        )
-    if ROW_INDEX not in dataset.column_names:
-        # names the rows of a non-finite loss in long runs (`kto_plugin.nonfinite`); survives the drops below
-        dataset = dataset.add_column(ROW_INDEX, list(range(len(dataset))))
-    keep = [c for c in dataset.column_names if c not in ("prompt", "completion", "tools", "chat_template_kwargs")]
-    tokenized = dataset.map(
-        _tokenize_batch,
-        batched=True,
-        batch_size=_MAP_BATCH,
-        num_proc=num_proc,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "max_prompt_length": max_prompt_length,
-            "max_completion_length": max_completion_length,
-            "separate": separate,
-        },
-        remove_columns=[c for c in dataset.column_names if c not in keep],
-        desc=f"Tokenizing {name} dataset",
-    )
-    prompt_lengths = tokenized["_prompt_len"]
-    completion_lengths = tokenized["_completion_len"]
-    report.prompt_boundary_mismatch = sum(tokenized["_mismatch"])
-    report.completion_limited = sum(tokenized["_completion_cut"])
-    tokenized = tokenized.remove_columns(["_mismatch", "_completion_cut", "_prompt_len", "_completion_len"])
-    if max_length is not None:
-        keep_rows = [i for i, n in enumerate(prompt_lengths) if n < max_length]
-        report.dropped_prompt_too_long = len(tokenized) - len(keep_rows)
-        report.truncated = sum(
-            1 for i in keep_rows if prompt_lengths[i] + completion_lengths[i] > max_length
-        )
-        if report.dropped_prompt_too_long:
-            tokenized = tokenized.select(keep_rows)
-    if len(tokenized) == 0:
-        raise ValueError(
-            f"{name} dataset: every row's prompt is at least max_length={max_length} tokens, so no row is left. "
-            "Raise max_length, or set max_prompt_length (with truncation_mode='keep_end') to shorten prompts."
-        )
-    labels = tokenized["label"]
-    report.rows_out = len(tokenized)
-    report.n_desirable = sum(1 for x in labels if x)
-    report.n_undesirable = report.rows_out - report.n_desirable
-    return tokenized, report
+        order = _trl_order(len(labels)) if paired and self.config.paired_order == "trl" else np.arange(len(labels))
+        keep = order[~dropped[order]]
+        if len(keep) == 0:
+            raise ValueError(
+                f"{name} dataset: every row's prompt is at least max_length={self.config.max_length} tokens, so no "
+                "row is left. Raise max_length, or set max_prompt_length, or truncation_mode='keep_end' (keeps the "
+                "end of the prompt and the completion)."
+            )
+        if len(keep) != len(labels) or not np.array_equal(keep, np.arange(len(labels))):
+            tokenized = tokenized.select(keep)
+        report.dropped_prompt_too_long = int(dropped.sum())
+        report.dropped_rows = [int(i) for i in np.unique(source_rows[dropped])[:10]]
+        report.truncated = int(truncated.sum())
+        report.completion_truncated = int(completion_cut.sum())
+        report.rows_out = len(keep)
+        report.n_desirable = int(labels[keep].sum())
+        report.n_undesirable = report.rows_out - report.n_desirable
+        self._judge_balance(report)
+        return tokenized, report
+
+    def _judge_balance(self, report: DataReport) -> None:
+        for count, kind, other in ((report.n_desirable, "desirable", "undesirable"),
+                                   (report.n_undesirable, "undesirable", "desirable")):
+            if count == report.rows_out:
+                warnings.warn(
+                    f"kto_plugin: the {report.name} dataset has only {kind} rows ({count}). KTO still runs (each "
+                    f"example is judged against the reference point z0), but with no {other} examples it only "
+                    f"pushes one way; the paper's results use both. Add {other} examples if you have them.",
+                    KTOPluginWarning,
+                    stacklevel=4,
+                )
+        advice = balance_advice(report.n_desirable, report.n_undesirable, self.config.desirable_weight,
+                                self.config.undesirable_weight)
+        report.balance = advice.message if advice is not None else None
+
+    def _stream(self, dataset: datasets.IterableDataset, name: str) -> tuple[Any, DataReport]:
+        first = next(iter(dataset))  # reads one row; the rest is prepared as it is read
+        columns = list(dataset.column_names or first)
+        refuse_images(columns, name)
+        fmt = detect_format(columns, name)
+        conversational = is_conversational(first[TEXT_COLUMNS[fmt][0]])
+        self._check(fmt, conversational, name)
+        paired = fmt != UNPAIRED
+        order = self.config.paired_order if paired else None
+        report = DataReport(name=name, format=fmt, conversational=conversational, order=order, streaming=True)
+        counter = _StreamCounter(report, self._fn_kwargs(fmt, conversational, name, chosen_first=order == "trl"),
+                                 self.config.max_length, self.config.truncation_mode)
+        # batches of 1000 pairs from the start of the stream, so "trl" order is TRL's on a stream too
+        prepared = dataset.map(counter, batched=True, batch_size=TRL_UNPAIR_BLOCK, with_indices=True,
+                               remove_columns=[c for c in columns if c in CONSUMED or c == "label"])
+        return prepared, report
+
+
+class _StreamCounter:
+    """Prepares a streamed batch, drops what `_fate` drops and counts everything in the report."""
+
+    def __init__(self, report: DataReport, fn_kwargs: dict[str, Any], max_length: int | None, mode: str) -> None:
+        self.report, self.fn_kwargs, self.max_length, self.mode = report, fn_kwargs, max_length, mode
+
+    def __call__(self, batch: Mapping[str, list], indices: list[int]) -> dict[str, list]:
+        out = _prepare_batch(batch, indices, **self.fn_kwargs)
+        src = out.pop("_src")
+        out.update({c: [batch[c][i] for i in src] for c in batch if c not in CONSUMED and c != "label"})
+        prompt_len = np.array([len(p) for p in out["prompt_ids"]], dtype=np.int64)
+        completion_len = np.array([len(c) for c in out["completion_ids"]], dtype=np.int64)
+        dropped, truncated, completion_cut = _fate(prompt_len, completion_len, self.max_length, self.mode)
+        r = self.report
+        if dropped.any() and len(r.dropped_rows) < 10:
+            rows = sorted({out["_row"][j] for j in np.flatnonzero(dropped)})
+            r.dropped_rows = (r.dropped_rows + rows)[:10]
+            logger.warning("kto_plugin: %s stream: %d rows dropped in this batch (prompt alone >= max_length=%s); "
+                           "totals in kto.data_reports[%r]", r.name, int(dropped.sum()), self.max_length, r.name)
+        r.rows_in += len(indices)
+        r.dropped_prompt_too_long += int(dropped.sum())
+        r.truncated += int(truncated.sum())
+        r.completion_truncated += int(completion_cut.sum())
+        r.prompt_boundary_mismatch += sum(out["_mismatch"])
+        r.prompt_truncated += sum(out["_prompt_cut"])
+        r.completion_limited += sum(out["_completion_cut"])
+        keep = np.flatnonzero(~dropped)
+        desirable = sum(1 for j in keep if out["label"][j])
+        r.n_desirable += desirable
+        r.n_undesirable += len(keep) - desirable
+        r.rows_out += len(keep)
+        if ROW_INDEX not in out:
+            out[ROW_INDEX] = out["_row"]
+        return {k: [v[j] for j in keep] for k, v in out.items() if k not in _STATS}

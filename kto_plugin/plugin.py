@@ -13,7 +13,7 @@ from .collator import KTOCollator
 from .compat import TrainerCompat, check_liger
 from .compute_loss import KTOComputeLoss
 from .config import KTOConfig
-from .data import VLM_ALTERNATIVE, DataReport, _as_dataset, prepare_split
+from .data import VLM_ALTERNATIVE, DataReport, Preparer, as_dataset
 from .generation import KTOGenerationCallback
 from .guidance import Adviser, attach_advice, label_counts
 from .logprobs import LogpsPath, choose_path
@@ -160,29 +160,24 @@ class KTOPlugin:
     # --- data ---
 
     def prepare_dataset(self, dataset: Any, name: str = "train") -> Any:
-        """Tokenize unpaired rows ``{prompt, completion, label}`` (plain text or conversational).
+        """Validate and tokenize preference data: unpaired ``{prompt, completion, label}``, paired
+        ``{prompt, chosen, rejected}`` or implicit-prompt ``{chosen, rejected}``, plain text or conversational.
 
-        Takes a `datasets.Dataset`, a `DatasetDict` (each split, reported under its split name) or a list of
-        dicts; returns the same kind with `prompt_ids`, `completion_ids`, `label` and `row_index` (the row's
-        position in `dataset`, kept through drops; names rows in non-finite reports; a `row_index` column of
-        your own is kept instead), other columns kept.
-        What is dropped or truncated is counted in `self.data_reports[name]` and logged.
+        Takes a `datasets.Dataset`, an `IterableDataset` (prepared lazily as it is read), a `DatasetDict` /
+        `IterableDatasetDict` (each split, reported under its split name), a list of row dicts or a dict of
+        columns; returns a `datasets` object of the same kind with `prompt_ids`, `completion_ids`, `label` and
+        `row_index` (the input row's position, kept through drops; names rows in non-finite reports; a
+        `row_index` column of your own is kept instead), other columns kept. Paired rows come out in `KTOConfig.paired_order`. What is dropped or truncated
+        is counted in `self.data_reports[name]` and logged once.
         """
-        data = _as_dataset(dataset, name)
-        if isinstance(data, datasets.DatasetDict):
-            return datasets.DatasetDict({split: self.prepare_dataset(ds, name=split) for split, ds in data.items()})
-        prepared, report = prepare_split(
-            data,
-            self.tokenizer,
-            name=name,
-            max_length=self.config.max_length,
-            max_prompt_length=self.config.max_prompt_length,
-            num_proc=self.config.dataset_num_proc,
-            max_completion_length=self.config.max_completion_length,
-            separate=bool(self.config.is_encoder_decoder),
-        )
+        data = as_dataset(dataset, name)
+        if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+            return type(data)({split: self.prepare_dataset(ds, name=split) for split, ds in data.items()})
+        prepared, report = Preparer(self.tokenizer, self.config)(data, name)
         self.data_reports[name] = report
-        logger.info("kto_plugin: prepared %s", report.summary())
+        noteworthy = (report.dropped_prompt_too_long or report.truncated or report.prompt_truncated
+                      or report.completion_limited or report.balance)
+        logger.log(logging.WARNING if noteworthy else logging.INFO, "kto_plugin: prepared %s", report.summary())
         return prepared
 
     # --- models ---

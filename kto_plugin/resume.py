@@ -81,7 +81,7 @@ def tensors_fingerprint(
 
 def column_hash(dataset: Any, column: str) -> str | None:
     """sha256 of a float column of a `datasets.Dataset`, or None when it has no such column."""
-    if dataset is None or column not in getattr(dataset, "column_names", ()):
+    if dataset is None or column not in (getattr(dataset, "column_names", None) or ()):  # a stream's may be None
         return None
     values = np.asarray(dataset.with_format("numpy")[column], dtype=np.float32)
     return hashlib.sha256(values.tobytes()).hexdigest()

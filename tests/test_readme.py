@@ -47,3 +47,25 @@ def test_writing_a_plugin_snippet_trains_with_its_loss(tokenizer, model, rows, t
     kto.attach(trainer)
     trainer.train()
     assert trainer.state.log_history[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)  # -log sigmoid(0)
+
+
+def test_data_formats_examples_prepare(tokenizer):
+    import ast
+    import warnings
+
+    from kto_plugin import KTOConfig, KTOPlugin
+    from kto_plugin.warnings import KTOPluginWarning
+
+    section = README.split("## Data formats", 1)[1].split("\n## ", 1)[0]
+    examples = re.findall(r"^\| ([a-z ]+) \| `(\{.*\})` \|$", section, re.M)
+    assert len(examples) == 6
+    for kind, text in examples:
+        kto = KTOPlugin(KTOConfig(), tokenizer=tokenizer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", KTOPluginWarning)  # one row of one label
+            out = kto.prepare_dataset([ast.literal_eval(text)])
+        report = kto.data_reports["train"]
+        assert report.conversational == kind.startswith("conversational")
+        assert report.format == {"unpaired": "unpaired", "paired": "paired", "implicit prompt": "implicit_prompt"}[
+            kind.removeprefix("conversational ")]
+        assert len(out) == (1 if report.format == "unpaired" else 2)
