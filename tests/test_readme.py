@@ -131,3 +131,15 @@ def test_newcomer_path_links_point_at_sections():
     # sections written by other issues (#6: multi-GPU) may not be merged yet; every other link must resolve
     missing = [a for a in anchors if a not in headings]
     assert missing in ([], ["multi-gpu-and-multi-node"]), missing
+
+
+def test_lora_null_reference_snippet_trains_an_adapter_against_the_base_model(tokenizer, model, rows, tmp_path):
+    snippet = re.search(r"## LoRA with a null reference\n.*?```python\n(.*?)```", README, re.S).group(1)
+    namespace = {"model": model, "tokenizer": tokenizer, "raw_rows": rows[:8], "out_dir": str(tmp_path / "adapter"),
+                 "args": args(tmp_path, max_steps=1), "Trainer": Trainer, "KTOConfig": KTOConfig,
+                 "KTOPlugin": KTOPlugin}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert namespace["kto"].reference.describe().startswith("the base model, adapters off")
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    first = namespace["trainer"].state.log_history[0]
+    assert first["loss"] == pytest.approx(0.5, abs=1e-6)  # fresh LoRA (B = 0): policy == base == reference
