@@ -23,7 +23,8 @@ def main() -> None:
     cli = argparse.ArgumentParser()
     cli.add_argument("--max_steps", type=int, default=10)
     cli.add_argument("--output_dir", default="outputs/precomputed_reference")
-    cli.add_argument("--cache_dir", default=None, help="cache of reference log-probs (default ~/.cache/kto_plugin)")
+    cli.add_argument("--cache_dir", default=None,
+                     help="cache of reference log-probs (default ~/.cache/kto_plugin/ref_logps)")
     opts = cli.parse_args()
     # kto_plugin reports the pass ("computed in ... s and cached at ..." or "loaded from cache ...") at INFO
     logging.basicConfig(stream=sys.stdout, format="%(message)s")
@@ -41,17 +42,20 @@ def main() -> None:
     )
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(output_dir=opts.output_dir, per_device_train_batch_size=8, per_device_eval_batch_size=8,
-                               learning_rate=1e-4, max_steps=opts.max_steps, logging_steps=max(1, opts.max_steps // 4),
-                               eval_strategy="no", report_to="none", save_strategy="no"),
+        args=TrainingArguments(output_dir=opts.output_dir, per_device_train_batch_size=8,
+                               per_device_eval_batch_size=8, learning_rate=1e-4, max_steps=opts.max_steps,
+                               logging_steps=max(1, opts.max_steps // 4), report_to="none",
+                               save_strategy="no"),
         train_dataset=kto.prepare_dataset(rows[:48]),
-        eval_dataset=kto.prepare_dataset(rows[48:], name="eval"),  # every dataset before attach(): precomputed too
+        # every dataset the Trainer holds at attach() is precomputed, eval included
+        eval_dataset=kto.prepare_dataset(rows[48:], name="eval"),
         data_collator=kto.collator,
     )
     kto.attach(trainer)  # the precompute pass happens here
     print("reference:", kto.reference.describe())
     print("reference model kept in memory:", kto.reference.holds_model)
-    print("precomputed columns:", [c for c in trainer.train_dataset.column_names if c.startswith(("ref_", "kl_"))])
+    added = [c for c in trainer.train_dataset.column_names if c.startswith(("ref_", "kl_"))]
+    print("precomputed columns:", added)
     trainer.train()
     metrics = trainer.evaluate()
     first = [h for h in trainer.state.log_history if "loss" in h][0]

@@ -1,8 +1,8 @@
 """Train with the example plugin's loss, `kto_logsigmoid`, without installing the package.
 
-The plugin is an ordinary module (`kto_logsigmoid.py`, beside this script) passed to `KTOPlugin(plugins=[...])`;
-once the package is installed (`pip install ./examples/custom_loss_plugin`), `KTOConfig(loss_type=
-"kto_logsigmoid")` alone finds it through its entry point. Runs offline on the embedded default.
+The plugin is an ordinary module (`kto_logsigmoid.py`, beside this script) passed to
+`KTOPlugin(plugins=[...])`; once the package is installed (`pip install ./examples/custom_loss_plugin`),
+`KTOConfig(loss_type="kto_logsigmoid")` alone finds it through its entry point. Runs offline on the embedded default.
 
     python examples/custom_loss_plugin/train.py [--max_steps N] [--output_dir DIR]
 
@@ -36,7 +36,8 @@ def main() -> None:
     trainer = Trainer(
         model=model,
         args=TrainingArguments(output_dir=opts.output_dir, per_device_train_batch_size=8, learning_rate=2e-4,
-                               max_steps=opts.max_steps, logging_steps=1, report_to="none", save_strategy="no"),
+                               max_steps=opts.max_steps, logging_steps=1, report_to="none",
+                               save_strategy="no"),
         train_dataset=kto.prepare_dataset(rows),
         data_collator=kto.collator,
     )
