@@ -140,8 +140,8 @@ def test_lora_null_reference_snippet_trains_an_adapter_against_the_base_model(to
                                                                              tmp_path):
     snippet = re.search(r"## LoRA with a null reference\n.*?```python\n(.*?)```", README, re.S).group(1)
     namespace = {"model": model, "tokenizer": tokenizer, "raw_rows": rows[:8],
-                 "out_dir": str(tmp_path / "adapter"), "args": args(tmp_path, max_steps=1), "Trainer": Trainer,
-                 "KTOConfig": KTOConfig, "KTOPlugin": KTOPlugin}
+                 "out_dir": str(tmp_path / "adapter"), "args": args(tmp_path, max_steps=1),
+                 "Trainer": Trainer, "KTOConfig": KTOConfig, "KTOPlugin": KTOPlugin}
     exec(compile(snippet, "README.md", "exec"), namespace)
     assert namespace["kto"].reference.describe().startswith("the base model, adapters off")
     assert (tmp_path / "adapter" / "adapter_config.json").exists()

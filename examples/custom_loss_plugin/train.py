@@ -2,7 +2,8 @@
 
 The plugin is an ordinary module (`kto_logsigmoid.py`, beside this script) passed to
 `KTOPlugin(plugins=[...])`; once the package is installed (`pip install ./examples/custom_loss_plugin`),
-`KTOConfig(loss_type="kto_logsigmoid")` alone finds it through its entry point. Runs offline on the embedded default.
+`KTOConfig(loss_type="kto_logsigmoid")` alone finds it through its entry point.
+Runs offline on the embedded default.
 
     python examples/custom_loss_plugin/train.py [--max_steps N] [--output_dir DIR]
 
