@@ -246,7 +246,9 @@ class KTOConfig:
     # --- feedback ---
     warn_guidance: bool = field(
         default=True,
-        metadata={"help": "Warn once when a setting lies outside the KTO paper's guidance."},
+        metadata={
+            "help": "Warn once when a setting lies outside the KTO paper's guidance, or a dataset holds one label only."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -421,7 +421,7 @@ class Preparer:
     def _judge_balance(self, report: DataReport) -> None:
         for count, kind, other in ((report.n_desirable, "desirable", "undesirable"),
                                    (report.n_undesirable, "undesirable", "desirable")):
-            if count == report.rows_out:
+            if count == report.rows_out and self.config.warn_guidance:
                 warnings.warn(
                     f"kto_plugin: the {report.name} dataset has only {kind} rows ({count}). KTO still runs (each "
                     f"example is judged against the reference point z0), but with no {other} examples it only "

@@ -401,6 +401,9 @@ def test_one_label_only_warns_and_still_prepares(tokenizer, label):
     with pytest.warns(KTOPluginWarning, match=rf"only {kind} rows \(4\). KTO still runs"):
         out = kto.prepare_dataset(data)
     assert len(out) == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KTOPluginWarning)
+        KTOPlugin(KTOConfig(warn_guidance=False), tokenizer=tokenizer).prepare_dataset(data)  # silenced
 
 
 def test_balance_report_suggests_desirable_weight(tokenizer):

@@ -34,3 +34,25 @@ def test_named_ref_adapter(tmp_path):
     out = run("named_ref_adapter.py", "--max_steps", "2", "--output_dir", str(tmp_path))
     assert "reference: PEFT adapter 'ref'" in out
     assert "first loss 0.5000" in out  # the reference is the adapter's initial state
+
+
+def test_precomputed_reference_computes_once_then_loads_from_the_cache(tmp_path):
+    argv = ["--max_steps", "2", "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]
+    first = run("precomputed_reference.py", *argv)
+    assert "reference model kept in memory: False" in first
+    assert "reference log-probs for train (36 rows, batch 16) computed in" in first
+    assert "first loss 0.5000" in first  # precomputed reference == initial policy: rewards 0 at step 1
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # train and eval
+    second = run("precomputed_reference.py", *argv)
+    assert "reference log-probs for train (36 rows) loaded from cache" in second
+    assert "reference log-probs for eval (12 rows) loaded from cache" in second
+    assert "computed in" not in second
+    # the same data, weights and log-probs: the run is repeated exactly
+    assert first.splitlines()[-1] == second.splitlines()[-1]
+
+
+def test_custom_loss_plugin_script(tmp_path):
+    out = run("custom_loss_plugin/train.py", "--max_steps", "2", "--output_dir", str(tmp_path))
+    # policy == reference at step 1: -log sigmoid(0) = log 2 per example, and the metric sigmoid(0) = 0.5
+    assert "step 1: loss 0.6931, kto_logsigmoid/grad_weight 0.5000, rewards/margins 0.0000" in out
+    assert "step 2: loss" in out
