@@ -137,6 +137,12 @@ def test_data_examples_prepare_as_described(tokenizer):
         labels = [r["label"] for r in namespace[name]]
         counts = (report.n_desirable, report.n_undesirable, report.rows_out)
         assert counts == (sum(labels), len(labels) - sum(labels), len(labels))
+    for name, completions in (("paired", (" Paris.", " Berlin.")), ("implicit", (" 4", " 5"))):
+        prepared = kto.prepare_dataset(namespace[name], name=name)
+        assert prepared["label"] == [True, False]  # the pair's chosen row, then its rejected row
+        eos = [tokenizer.eos_token_id]
+        assert prepared["completion_ids"] == [tokenizer(c, add_special_tokens=False)["input_ids"] + eos
+                                              for c in completions]
 
 
 def test_demo_picture_is_embedded_small_and_a_png():
