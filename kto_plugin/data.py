@@ -450,11 +450,8 @@ class Preparer:
         if len(dataset) == 0:
             raise ValueError(f"{name} dataset is empty: there are no rows to train on.")
         conversational = is_conversational(dataset[0]["prompt"])
-        for i, label in enumerate(dataset["label"]):
-            if not isinstance(label, bool):
-                raise ValueError(
-                    f"{name} dataset, row {i}: 'label' must be a bool (True = desirable), got {label!r}."
-                )
+        text = dataset.select_columns(["prompt", "completion", "label"])[:]  # the images are not decoded
+        check_rows(text, range(len(dataset)), UNPAIRED, conversational, name)
         n_desirable = int(sum(dataset["label"]))
         report = DataReport(name=name, conversational=conversational, rows_in=len(dataset), rows_out=len(dataset),
                             n_desirable=n_desirable, n_undesirable=len(dataset) - n_desirable)

@@ -45,8 +45,11 @@ def build_processor(texts: list[str]) -> Any:
     return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=VLM_CHAT_TEMPLATE)
 
 
-def build_tiny_vlm(processor: Any, seed: int = 0, init_range: float = 0.02) -> Any:
-    """A randomly initialised `Qwen2VLForConditionalGeneration`: 2 text and 2 vision layers, hidden 32."""
+def build_tiny_vlm(processor: Any, seed: int = 0, head_scale: float = 1.0) -> Any:
+    """A randomly initialised `Qwen2VLForConditionalGeneration`: 2 text and 2 vision layers, hidden 32.
+
+    `head_scale` multiplies the LM head's weights: at 30, next-token distributions are far from uniform.
+    """
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     tok = processor.tokenizer
@@ -54,7 +57,7 @@ def build_tiny_vlm(processor: Any, seed: int = 0, init_range: float = 0.02) -> A
     config = Qwen2VLConfig(
         text_config=dict(
             vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=init_range,
+            num_key_value_heads=2, max_position_embeddings=1024,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         ),
@@ -64,7 +67,10 @@ def build_tiny_vlm(processor: Any, seed: int = 0, init_range: float = 0.02) -> A
         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    return Qwen2VLForConditionalGeneration(config)
+    model = Qwen2VLForConditionalGeneration(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    return model
 
 
 def images(n: int, seed: int = 0) -> list[Any]:
