@@ -64,7 +64,7 @@ ROW_INDEX = "row_index"
 
 def check_images(column_names: Sequence[str], name: str, processor: Any, config: Any) -> bool:
     """Whether the rows carry images (``images`` or ``image``); refuses them without a processor, in a paired
-    format and with precomputed reference log-probs (all as TRL 1.16)."""
+    format, with ``truncation_mode="keep_end"``, ``max_prompt_length``/``max_completion_length`` and with precomputed reference log-probs (as TRL 1.16)."""
     column = image_column(column_names)
     if column is None:
         return False
@@ -78,6 +78,17 @@ def check_images(column_names: Sequence[str], name: str, processor: Any, config:
         raise ValueError(
             f"{name} dataset has images in a paired format: vision rows must be unpaired ({{prompt, completion, "
             "label}} with images), as in TRL 1.16. Unpair first, e.g. trl.data_utils.unpair_preference_dataset."
+        )
+    limits = [f for f in ("max_prompt_length", "max_completion_length") if getattr(config, f) is not None]
+    if limits:
+        raise ValueError(
+            f"{name} dataset has images: KTOConfig.{limits[0]} cuts tokenized rows at prepare_dataset, but vision "
+            "rows are tokenized with their images batch by batch in the collator. Bound the rows with max_length."
+        )
+    if config.truncation_mode == "keep_end":
+        raise ValueError(
+            f"{name} dataset has images: KTOConfig(truncation_mode='keep_end') would cut the start of long prompts, "
+            "where the image tokens are. Use truncation_mode='keep_start' (as TRL 1.16 does for vision rows)."
         )
     if config.precompute_ref_log_probs:
         raise ValueError(

@@ -63,6 +63,20 @@ def test_batch_matches_trl_vision_collator(processor, image_rows, max_length):
         assert torch.equal(ours, expected[ids].masked_fill(expected[mask] == 0, -100)), mask
 
 
+@pytest.mark.parametrize("multiple, padded", [(16, 128), (24, 144)])  # 128 columns unpadded: aligned to 16
+def test_pad_to_multiple_of_pads_ids_masks_and_token_types(processor, image_rows, multiple, padded):
+    rows = image_rows[:4]
+    expected = _trl_batch(processor, rows)
+    batch = KTOPlugin(KTOConfig(pad_to_multiple_of=multiple), tokenizer=processor).collator([dict(r) for r in rows])
+    width = expected["input_ids"].shape[1]
+    assert width == 128 and batch["input_ids"].shape[1] == padded
+    assert torch.equal(batch["input_ids"][:, :width], expected["input_ids"])
+    assert (batch["input_ids"][:, width:] == processor.tokenizer.pad_token_id).all()
+    assert batch["attention_mask"][:, width:].sum() == 0 and batch["mm_token_type_ids"][:, width:].sum() == 0
+    assert torch.equal(batch["mm_token_type_ids"][:, :width], expected["mm_token_type_ids"])
+    assert batch["labels"]["kl_vision_mm_token_type_ids"].shape == batch["labels"]["kl_input_ids"].shape
+
+
 def test_single_image_column_and_no_kl_batch(processor, image_rows):
     rows = [{**{k: v for k, v in r.items() if k != "images"}, "image": r["images"][0]} for r in image_rows[:3]]
     expected = _trl_batch(processor, rows, calculate_kl=False)
@@ -84,11 +98,15 @@ def test_prepare_dataset_keeps_image_rows_and_counts_them(processor, image_rows)
     assert report.n_undesirable == 16 - n_desirable and report.conversational
 
 
-def test_image_rows_refused_when_paired_precomputed_or_mislabelled(processor, image_rows):
+def test_image_rows_refused_when_paired_keep_end_precomputed_or_mislabelled(processor, image_rows):
     paired = [{"images": r["images"], "prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"]}
               for r in image_rows[:4]]
     with pytest.raises(ValueError, match="images in a paired format.*unpair"):
         KTOPlugin(KTOConfig(), tokenizer=processor).prepare_dataset(paired)
+    with pytest.raises(ValueError, match="KTOConfig.max_prompt_length cuts tokenized rows.*max_length"):
+        KTOPlugin(KTOConfig(max_prompt_length=64), tokenizer=processor).prepare_dataset(image_rows)
+    with pytest.raises(ValueError, match="truncation_mode='keep_end'.*image tokens"):
+        KTOPlugin(KTOConfig(truncation_mode="keep_end"), tokenizer=processor).prepare_dataset(image_rows)
     with pytest.raises(ValueError, match=r"precompute_ref_log_probs=True\) is not supported for vision rows"):
         KTOPlugin(KTOConfig(precompute_ref_log_probs=True), tokenizer=processor).prepare_dataset(image_rows)
     bad = [dict(r) for r in image_rows[:4]]
