@@ -647,6 +647,11 @@ class KTOPlugin:
                     self._check_last_batch(ds, args.per_device_eval_batch_size, args.dataloader_drop_last, name)
         if self.config.precompute_ref_log_probs:
             self._validate_precompute(trainer)
+        if self.config.generate_during_eval and self.processor is not None:
+            raise NotImplementedError(
+                "KTOConfig.generate_during_eval is not supported with a processor (vision-language rows): the "
+                "samples would be generated without the images. Turn it off."
+            )
         if self.config.generate_during_eval and getattr(trainer, "is_fsdp_enabled", False):
             raise NotImplementedError(
                 "KTOConfig.generate_during_eval is not supported under FSDP (generation would need the full "

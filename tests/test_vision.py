@@ -138,3 +138,19 @@ def test_logged_metrics_match_trl_on_a_vision_language_model(loss_type, processo
     if loss_type == "kto":  # the KL batch (prompt i's image with completion i - 1) reached the loss
         assert max(e.get("kl", 0.0) for e in actual) > 1.0
     assert max(abs(e.get("rewards/chosen", 0.0)) for e in actual) > 1.0
+
+
+def test_streamed_image_rows_and_generate_during_eval(processor, image_rows, tmp_path):
+    from datasets import IterableDataset
+    from helpers import kto_trainer
+
+    stream = IterableDataset.from_generator(lambda: iter(image_rows[:8]))
+    kto = KTOPlugin(KTOConfig(), tokenizer=processor)
+    prepared = kto.prepare_dataset(stream)
+    assert kto.data_reports["train"].streaming
+    first = list(prepared.take(4))
+    assert torch.equal(kto.collator(first)["input_ids"], _trl_batch(processor, image_rows[:4])["input_ids"])
+    model = build_tiny_vlm(processor)
+    kto, trainer = kto_trainer(model, processor, image_rows, tmp_path, kto_kwargs=dict(generate_during_eval=True))
+    with pytest.raises(NotImplementedError, match="generate_during_eval is not supported with a processor"):
+        kto.attach(trainer)
