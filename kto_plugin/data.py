@@ -63,8 +63,9 @@ ROW_INDEX = "row_index"
 
 
 def check_images(column_names: Sequence[str], name: str, processor: Any, config: Any) -> bool:
-    """Whether the rows carry images (``images`` or ``image``); refuses them without a processor, in a paired
-    format, with ``truncation_mode="keep_end"``, ``max_prompt_length``/``max_completion_length`` and with precomputed reference log-probs (as TRL 1.16)."""
+    """Whether the rows carry images (``images`` or ``image``). Refuses them without a processor, in a paired
+    format, with ``truncation_mode="keep_end"``, ``max_prompt_length``/``max_completion_length`` and with
+    precomputed reference log-probs (what TRL 1.16 refuses, or what cannot apply to raw image rows)."""
     column = image_column(column_names)
     if column is None:
         return False

@@ -26,6 +26,8 @@ from .collator import KTOCollator, KTOLabels, pad
 IMAGE_COLUMNS = ("images", "image")
 # the processor's prompt outputs that describe the tokens, not the images
 _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+# per-token types marking image tokens (Qwen2-VL: mm_token_type_ids; Gemma 3: token_type_ids); 0 on text tokens
+_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
 # prefix of the image inputs in `KTOLabels` (the reference and KL forwards read them there)
 VISION_PREFIX = "vision_"
 
@@ -73,9 +75,9 @@ class VisionKTOCollator(KTOCollator):
     Output: the text batch (see `KTOCollator`), plus the processor's image tensors (e.g. ``pixel_values``
     (patches, C*P*P) and ``image_grid_thw`` (images, 3) for Qwen2-VL) at the top level, for the policy forward,
     and in ``labels`` under ``vision_<name>`` for the reference and KL forwards. A processor that marks image
-    tokens (``mm_token_type_ids``) gets them per sequence: the prompt's, 0 on completion tokens and padding
-    (``vision_mm_token_type_ids`` and ``kl_vision_mm_token_type_ids`` in ``labels``). Rows without an image
-    column go to `KTOCollator`.
+    tokens (``mm_token_type_ids``, or ``token_type_ids``) gets them per sequence: the prompt's, 0 on completion
+    tokens and padding (e.g. ``vision_mm_token_type_ids`` and ``kl_vision_mm_token_type_ids`` in ``labels``).
+    Rows without an image column go to `KTOCollator`.
     """
 
     def __init__(self, processor: Any, **kwargs: Any) -> None:
@@ -96,20 +98,21 @@ class VisionKTOCollator(KTOCollator):
         keep = prompts["attention_mask"].bool()
         prompt_ids = [ids[m].tolist() for ids, m in zip(prompts["input_ids"], keep)]
         completion_ids = [list(c) for c in completions]
-        batch = super().__call__(
-            [{"prompt_ids": p, "completion_ids": c, "label": r["label"]} for p, c, r in zip(prompt_ids, completion_ids, rows)]
-        )
+        batch = super().__call__([
+            {"prompt_ids": p, "completion_ids": c, "label": r["label"]}
+            for p, c, r in zip(prompt_ids, completion_ids, rows)
+        ])
         labels: KTOLabels = batch["labels"]
         image_inputs = {k: v for k, v in prompts.items() if k not in _TEXT_KEYS}
         for key, value in image_inputs.items():
             labels[VISION_PREFIX + key] = value
-        if "mm_token_type_ids" in prompts:
-            types = [t[m].tolist() for t, m in zip(prompts["mm_token_type_ids"], keep)]
-            labels[VISION_PREFIX + "mm_token_type_ids"] = self._types(types, completion_ids)
+        for name in _TYPE_KEYS:
+            if name not in prompts:
+                continue
+            types = [t[m].tolist() for t, m in zip(prompts[name], keep)]
+            labels[VISION_PREFIX + name] = self._types(types, completion_ids)
             if self.build_kl:
-                labels["kl_" + VISION_PREFIX + "mm_token_type_ids"] = self._types(
-                    types, completion_ids[-1:] + completion_ids[:-1]
-                )
+                labels["kl_" + VISION_PREFIX + name] = self._types(types, completion_ids[-1:] + completion_ids[:-1])
         top = {k[len(VISION_PREFIX):]: v for k, v in labels.items() if k.startswith(VISION_PREFIX)}
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **top,
                 **self.model_kwargs, "labels": labels}
