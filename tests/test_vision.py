@@ -154,3 +154,26 @@ def test_streamed_image_rows_and_generate_during_eval(processor, image_rows, tmp
     kto, trainer = kto_trainer(model, processor, image_rows, tmp_path, kto_kwargs=dict(generate_during_eval=True))
     with pytest.raises(NotImplementedError, match="generate_during_eval is not supported with a processor"):
         kto.attach(trainer)
+
+
+@pytest.mark.slow
+def test_lora_with_the_null_reference_matches_trl_on_a_vision_language_model(processor, rows, image_rows, tmp_path):
+    import copy
+
+    from reference_cases import lora_config, parity_args, parity_problems
+    from reference_cases import run_ours as run_ours_peft
+    from reference_cases import run_trl as run_trl_peft
+    from reference_cases import train_and_evaluate
+
+    base = build_tiny_vlm(processor, seed=0, head_scale=30.0)
+    kto_kwargs = dict(beta=0.1, max_length=512)
+    a = parity_args(str(tmp_path), lora=True, max_steps=3)
+    eval_rows = vision_rows(rows[20:], 8, seed=1)
+    trl = run_trl_peft(copy.deepcopy(base), image_rows, processor, kto_kwargs, a, eval_rows, peft_config=lora_config())
+    ours, kto = run_ours_peft(copy.deepcopy(base), image_rows, processor, kto_kwargs, a, eval_rows,
+                              peft_config=lora_config())
+    assert kto.reference.mode == "null_adapter"
+    ours.model.load_state_dict(trl.model.state_dict())  # the same random lora_A on both sides
+    train_and_evaluate(trl, ours)
+    assert parity_problems(trl.state.log_history, ours.state.log_history) == []
+    assert max(abs(e.get("rewards/chosen", 0.0)) for e in ours.state.log_history) > 0.01
