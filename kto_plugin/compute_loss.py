@@ -21,6 +21,7 @@ from .metrics import MetricsAccumulator
 from .nonfinite import NonFiniteGuard
 from .plugin_manager import KTOPluginManager
 from .reference import ReferenceManager, lm_head_of
+from .vision import vision_inputs
 
 # order of the per-micro-batch sums that are all-reduced in one call
 _SUM_KEYS = (
@@ -42,9 +43,10 @@ _SUM_KEYS = (
 
 
 def decoder_inputs(labels: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The decoder inputs of an encoder-decoder batch (`prefix` "kl_" for the KL batch); empty otherwise."""
+    """The model inputs beyond ids and mask (`prefix` "kl_" for the KL batch): an encoder-decoder batch's decoder
+    inputs, a vision batch's image inputs (`kto_plugin.vision`); empty for a text batch of a decoder-only model."""
     if f"{prefix}decoder_input_ids" not in labels:
-        return {}
+        return vision_inputs(labels, prefix)
     return {
         "decoder_input_ids": labels[f"{prefix}decoder_input_ids"],
         "decoder_attention_mask": labels[f"{prefix}decoder_attention_mask"],

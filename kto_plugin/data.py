@@ -45,6 +45,7 @@ from .data_formats import (  # noqa: F401  (as_dataset, is_conversational: re-ex
 )
 from .encoding import can_splice, encode
 from .guidance import balance_advice
+from .vision import image_column
 from .warnings import KTOPluginWarning
 
 logger = logging.getLogger("kto_plugin")
@@ -59,22 +60,43 @@ _STATS = ("_mismatch", "_prompt_cut", "_completion_cut", "_row")
 # the input row's position (a pair's, for paired rows), kept through drops: names rows in non-finite reports
 # (`kto_plugin.nonfinite`); a `row_index` column of the user's own is kept instead
 ROW_INDEX = "row_index"
-IMAGE_COLUMNS = ("images", "image")
-VLM_ALTERNATIVE = (
-    "kto_plugin trains text-only language models (decoder-only or encoder-decoder). For KTO on a vision-language "
-    "model, use TRL 1.16's KTOTrainer, which takes rows with 'images' and a processor and builds the KL batch with "
-    "its vision collator."
-)
 
 
-def refuse_images(column_names: Sequence[str], name: str) -> None:
-    """Vision-language rows are not supported: refuse an image column with the alternative."""
-    images = [c for c in IMAGE_COLUMNS if c in column_names]
-    if images:
-        raise NotImplementedError(
-            f"{name} dataset has an image column {images[0]!r}: vision-language rows are not supported. "
-            f"{VLM_ALTERNATIVE} To train on the text alone, drop it first: dataset.remove_columns({images[0]!r})."
+def check_images(column_names: Sequence[str], name: str, processor: Any, config: Any) -> bool:
+    """Whether the rows carry images (``images`` or ``image``). Refuses them without a processor, in a paired
+    format, with ``truncation_mode="keep_end"``, ``max_prompt_length``/``max_completion_length`` and with
+    precomputed reference log-probs (what TRL 1.16 refuses, or what cannot apply to raw image rows)."""
+    column = image_column(column_names)
+    if column is None:
+        return False
+    if processor is None:
+        raise ValueError(
+            f"{name} dataset has an image column {column!r}, but KTOPlugin was given a tokenizer, not a processor: "
+            "pass the vision-language model's processor, KTOPlugin(config, tokenizer=processor). To train on the "
+            f"text alone, drop the column first: dataset.remove_columns({column!r})."
         )
+    if detect_format(column_names, name) != UNPAIRED:
+        raise ValueError(
+            f"{name} dataset has images in a paired format: vision rows must be unpaired ({{prompt, completion, "
+            "label}} with images), as in TRL 1.16. Unpair first, e.g. trl.data_utils.unpair_preference_dataset."
+        )
+    limits = [f for f in ("max_prompt_length", "max_completion_length") if getattr(config, f) is not None]
+    if limits:
+        raise ValueError(
+            f"{name} dataset has images: KTOConfig.{limits[0]} cuts tokenized rows at prepare_dataset, but vision "
+            "rows are tokenized with their images batch by batch in the collator. Bound the rows with max_length."
+        )
+    if config.truncation_mode == "keep_end":
+        raise ValueError(
+            f"{name} dataset has images: KTOConfig(truncation_mode='keep_end') would cut the start of long prompts, "
+            "where the image tokens are. Use truncation_mode='keep_start' (as TRL 1.16 does for vision rows)."
+        )
+    if config.precompute_ref_log_probs:
+        raise ValueError(
+            f"{name} dataset has images: KTOConfig(precompute_ref_log_probs=True) is not supported for vision rows "
+            "(images are processed batch by batch, as in TRL 1.16). Set precompute_ref_log_probs=False."
+        )
+    return True
 
 
 @dataclass
@@ -328,9 +350,10 @@ def _trl_order(n_rows: int) -> np.ndarray:
 class Preparer:
     """Prepares splits for one tokenizer and `KTOConfig`; `__call__` takes one split (map-style or streamed)."""
 
-    def __init__(self, tokenizer: Any, config: Any) -> None:
+    def __init__(self, tokenizer: Any, config: Any, processor: Any = None) -> None:
         self.tokenizer = tokenizer
         self.config = config
+        self.processor = processor  # a vision-language model's processor (`kto_plugin.vision`), or None
 
     def _check(self, fmt: str, conversational: bool, name: str) -> None:
         tok = self.tokenizer
@@ -364,7 +387,8 @@ class Preparer:
     def __call__(self, dataset: Any, name: str) -> tuple[Any, DataReport]:
         if isinstance(dataset, datasets.IterableDataset):
             return self._stream(dataset, name)
-        refuse_images(dataset.column_names, name)
+        if check_images(dataset.column_names, name, self.processor, self.config):
+            return self._vision(dataset, name)
         fmt = detect_format(dataset.column_names, name)
         if len(dataset) == 0:
             raise ValueError(f"{name} dataset is empty: there are no rows to train on.")
@@ -433,10 +457,24 @@ class Preparer:
                                 self.config.undesirable_weight)
         report.balance = advice.message if advice is not None else None
 
+    def _vision(self, dataset: datasets.Dataset, name: str) -> tuple[Any, DataReport]:
+        """Rows with images stay raw (the collator processes them per batch); checked and counted here."""
+        if len(dataset) == 0:
+            raise ValueError(f"{name} dataset is empty: there are no rows to train on.")
+        conversational = is_conversational(dataset[0]["prompt"])
+        text = dataset.select_columns(["prompt", "completion", "label"])[:]  # the images are not decoded
+        check_rows(text, range(len(dataset)), UNPAIRED, conversational, name)
+        n_desirable = int(sum(dataset["label"]))
+        report = DataReport(name=name, conversational=conversational, rows_in=len(dataset), rows_out=len(dataset),
+                            n_desirable=n_desirable, n_undesirable=len(dataset) - n_desirable)
+        return dataset, report
+
     def _stream(self, dataset: datasets.IterableDataset, name: str) -> tuple[Any, DataReport]:
         first = next(iter(dataset))  # reads one row; the rest is prepared as it is read
         columns = list(dataset.column_names or first)
-        refuse_images(columns, name)
+        if check_images(columns, name, self.processor, self.config):
+            return dataset, DataReport(name=name, streaming=True,
+                                       conversational=is_conversational(first["prompt"]))
         fmt = detect_format(columns, name)
         conversational = is_conversational(first[TEXT_COLUMNS[fmt][0]])
         self._check(fmt, conversational, name)

@@ -32,12 +32,6 @@ def is_encoder_decoder(model: Any) -> bool:
     return bool(getattr(_config_of(model), "is_encoder_decoder", False))
 
 
-def is_vision_language(model: Any) -> bool:
-    """True for a vision-language model: its config holds a vision tower's config (LLaVA, Qwen2-VL, Idefics...)."""
-    config = _config_of(model)
-    return config is not None and getattr(config, "vision_config", None) is not None
-
-
 def decoder_start_token_id(model: Any) -> int | None:
     """The token an encoder-decoder model's decoder starts from (T5: the pad id; BART: the EOS id)."""
     config = _config_of(model)

@@ -13,7 +13,7 @@ from .collator import KTOCollator
 from .compat import TrainerCompat, check_liger
 from .compute_loss import KTOComputeLoss
 from .config import KTOConfig
-from .data import VLM_ALTERNATIVE, DataReport, Preparer, as_dataset
+from .data import DataReport, Preparer, as_dataset
 from .generation import KTOGenerationCallback
 from .guidance import Adviser, attach_advice, label_counts
 from .logprobs import LogpsPath, choose_path
@@ -26,7 +26,6 @@ from .models import (
     check_architecture,
     decoder_start_token_id,
     is_model_name,
-    is_vision_language,
     load_pretrained,
     wrap_trainer_model,
     wrap_with_peft,
@@ -37,6 +36,7 @@ from .resume import RecordCheckpointTrain, ResumeCallback
 from .router import router_aux_coef
 from .sharding import sharding_of
 from .sync import ReferenceSyncCallback, sync_pairs
+from .vision import VisionKTOCollator, is_processor
 
 logger = logging.getLogger("kto_plugin")
 
@@ -97,6 +97,10 @@ class KTOPlugin:
         self.config = config if config is not None else KTOConfig()
         if not isinstance(self.config, KTOConfig):
             raise TypeError(f"config must be a KTOConfig, got {type(self.config).__name__}.")
+        # a vision-language model's processor (`kto_plugin.vision`): its tokenizer does the tokenizer's work
+        self.processor = tokenizer if is_processor(tokenizer) else None
+        if self.processor is not None:
+            tokenizer = self.processor.tokenizer
         self.tokenizer = tokenizer
         ref_adapter_name = _one_of("ref_adapter_name", ref_adapter_name, self.config.ref_adapter_name)
         self.model_adapter_name = _one_of("model_adapter_name", model_adapter_name, self.config.model_adapter_name)
@@ -124,7 +128,7 @@ class KTOPlugin:
                 )
             tokenizer.pad_token = tokenizer.eos_token
             logger.warning("kto_plugin: the tokenizer has no pad token; using its EOS token %r to pad.", tokenizer.eos_token)
-        self.collator = KTOCollator(
+        collator_kwargs = dict(
             pad_token_id=self.config.padding_value if self.config.padding_value is not None else tokenizer.pad_token_id,
             label_pad_token_id=self.config.label_pad_token_id,
             max_length=self.config.max_length,
@@ -132,6 +136,8 @@ class KTOPlugin:
             pad_to_multiple_of=self.config.pad_to_multiple_of,
             build_kl=self.needs_kl,
         )
+        self.collator = (KTOCollator(**collator_kwargs) if self.processor is None
+                         else VisionKTOCollator(self.processor, **collator_kwargs))
         # a reference named by path is loaded at attach(), when the policy's dtype is known
         self.ref_model_name = ref_model if is_model_name(ref_model) else None
         if self.ref_model_name is not None and ref_adapter_name is not None:
@@ -173,7 +179,7 @@ class KTOPlugin:
         data = as_dataset(dataset, name)
         if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
             return type(data)({split: self.prepare_dataset(ds, name=split) for split, ds in data.items()})
-        prepared, report = Preparer(self.tokenizer, self.config)(data, name)
+        prepared, report = Preparer(self.tokenizer, self.config, self.processor)(data, name)
         self.data_reports[name] = report
         noteworthy = (report.dropped_prompt_too_long or report.truncated or report.prompt_truncated
                       or report.completion_limited or report.balance)
@@ -623,11 +629,6 @@ class KTOPlugin:
     def _validate(self, trainer: Any) -> None:
         args = trainer.args
         policy = trainer.accelerator.unwrap_model(trainer.model)
-        if is_vision_language(policy):
-            raise NotImplementedError(
-                f"The trainer's model ({type(policy).__name__}) is a vision-language model (its config has a "
-                f"vision_config), which is not supported. {VLM_ALTERNATIVE}"
-            )
         self._check_padding_value(policy)
         if self.needs_kl:
             for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
@@ -646,6 +647,11 @@ class KTOPlugin:
                     self._check_last_batch(ds, args.per_device_eval_batch_size, args.dataloader_drop_last, name)
         if self.config.precompute_ref_log_probs:
             self._validate_precompute(trainer)
+        if self.config.generate_during_eval and self.processor is not None:
+            raise NotImplementedError(
+                "KTOConfig.generate_during_eval is not supported with a processor (vision-language rows): the "
+                "samples would be generated without the images. Turn it off."
+            )
         if self.config.generate_during_eval and getattr(trainer, "is_fsdp_enabled", False):
             raise NotImplementedError(
                 "KTOConfig.generate_during_eval is not supported under FSDP (generation would need the full "

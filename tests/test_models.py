@@ -299,32 +299,18 @@ def test_peft_config_refusals(model, tokenizer, short_rows, tmp_path):
         kto.wrap_model(peft_policy(model, trained=False))
 
 
-# --- vision-language models: refused, with the alternative ---
+# --- vision-language models: image rows need a processor (the rest is in test_vision.py) ---
 
 
 @pytest.mark.parametrize("column", ["images", "image"])
-def test_image_rows_are_refused_at_prepare_dataset(column, tokenizer, short_rows):
+def test_image_rows_without_a_processor_are_refused_at_prepare_dataset(column, tokenizer, short_rows):
     from datasets import Dataset
 
     kto = KTOPlugin(KTOConfig(), tokenizer=tokenizer)
     rows = [dict(r, **{column: None}) for r in short_rows]
     for data in (rows, Dataset.from_list(rows)):
-        with pytest.raises(NotImplementedError, match=f"image column '{column}'.*TRL 1.16's KTOTrainer"):
+        with pytest.raises(ValueError, match=f"image column '{column}'.*KTOPlugin\\(config, tokenizer=processor\\)"):
             kto.prepare_dataset(data)
-
-
-def test_vision_language_model_is_refused_at_attach(tokenizer, short_rows, tmp_path):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8)
-    vlm = LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision))
-    kto, trainer = kto_trainer(vlm, tokenizer, short_rows, tmp_path)
-    with pytest.raises(NotImplementedError, match="LlavaForConditionalGeneration.*vision-language.*KTOTrainer"):
-        kto.attach(trainer)
-    assert trainer.compute_loss_func is None
 
 
 def test_model_adapter_name_with_adapters_loaded_by_transformers(base_model, tokenizer, short_rows, tmp_path):

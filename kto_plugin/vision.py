@@ -1,0 +1,132 @@
+"""Vision-language rows: images, a processor, and the KTO batch with the model's image inputs.
+
+Images are turned into pixel values batch by batch in the collator (as TRL 1.16's vision collator does): the
+prepared dataset keeps the raw ``prompt``, ``completion``, ``label`` and ``images`` (or ``image``) columns.
+
+* Conversational rows: the images go, as ``{"type": "image"}`` items, at the start of the first user message
+  (string contents become ``{"type": "text"}`` items); the processor's chat template renders the prompt (with the
+  generation prompt) and prompt + completion, whose suffix after the prompt text is the completion text.
+* Plain-text rows are used as given: the prompt holds the model's image placeholder itself, and no EOS is
+  appended to the completion (TRL 1.16's vision collator does neither).
+* The processor tokenizes the prompts with their images (expanding each placeholder to one token per image
+  patch group) and the completions alone, both without special tokens; the rows are then joined, cut to
+  `max_length` keeping the start and padded by `KTOCollator`, so the text layout is the text-only batch's.
+* The KL batch pairs prompt i, with its images, with completion i - 1, as for text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .collator import KTOCollator, KTOLabels, pad
+
+IMAGE_COLUMNS = ("images", "image")
+# the processor's prompt outputs that describe the tokens, not the images
+_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+# per-token types marking image tokens (Qwen2-VL: mm_token_type_ids; Gemma 3: token_type_ids); 0 on text tokens
+_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
+# prefix of the image inputs in `KTOLabels` (the reference and KL forwards read them there)
+VISION_PREFIX = "vision_"
+
+
+def is_processor(obj: Any) -> bool:
+    """True for a multimodal processor (a `transformers.ProcessorMixin` with a tokenizer)."""
+    from transformers import ProcessorMixin
+
+    return isinstance(obj, ProcessorMixin) and getattr(obj, "tokenizer", None) is not None
+
+
+def image_column(column_names: Sequence[str]) -> str | None:
+    return next((c for c in IMAGE_COLUMNS if c in column_names), None)
+
+
+def _structured(messages: list, images: Sequence[Any]) -> list:
+    """Messages with list contents, one ``{"type": "image"}`` per image at the start of the first user turn."""
+    out, placed = [], not images
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not placed and message.get("role") == "user":
+            content = [{"type": "image"} for _ in images] + list(content or [])
+            placed = True
+        out.append({**message, "content": content})
+    return out
+
+
+def render(processor: Any, row: dict[str, Any], images: Sequence[Any]) -> tuple[str, str]:
+    """(prompt text, completion text) of one row, rendered as described in the module docstring."""
+    prompt, completion = row["prompt"], row["completion"]
+    if not isinstance(prompt, list):
+        return prompt, completion
+    kwargs = {"tools": row.get("tools"), "tokenize": False, **(row.get("chat_template_kwargs") or {})}
+    prompt_messages = _structured(prompt, images)
+    prompt_text = processor.apply_chat_template(prompt_messages, add_generation_prompt=True, **kwargs)
+    full = processor.apply_chat_template(prompt_messages + _structured(completion, []), **kwargs)
+    return prompt_text, full[len(prompt_text):]
+
+
+class VisionKTOCollator(KTOCollator):
+    """`KTOCollator` for rows with images: the text batch of `KTOCollator` plus the processor's image inputs.
+
+    Output: the text batch (see `KTOCollator`), plus the processor's image tensors (e.g. ``pixel_values``
+    (patches, C*P*P) and ``image_grid_thw`` (images, 3) for Qwen2-VL) at the top level, for the policy forward,
+    and in ``labels`` under ``vision_<name>`` for the reference and KL forwards. A processor that marks image
+    tokens (``mm_token_type_ids``, or ``token_type_ids``) gets them per sequence: the prompt's, 0 on completion
+    tokens and padding (e.g. ``vision_mm_token_type_ids`` and ``kl_vision_mm_token_type_ids`` in ``labels``).
+    Rows without an image column go to `KTOCollator`.
+    """
+
+    def __init__(self, processor: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.processor = processor
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        column = image_column(rows[0]) if rows else None
+        if column is None:
+            return super().__call__(rows)
+        images = [list(r[column]) if column == "images" else [r[column]] for r in rows]
+        texts = [render(self.processor, r, imgs) for r, imgs in zip(rows, images)]
+        prompts = self.processor(
+            images=images if any(images) else None, text=[t[0] for t in texts], padding=True, padding_side="left",
+            return_tensors="pt", add_special_tokens=False,
+        )
+        completions = self.processor(text=[t[1] for t in texts], add_special_tokens=False)["input_ids"]
+        keep = prompts["attention_mask"].bool()
+        prompt_ids = [ids[m].tolist() for ids, m in zip(prompts["input_ids"], keep)]
+        completion_ids = [list(c) for c in completions]
+        batch = super().__call__([
+            {"prompt_ids": p, "completion_ids": c, "label": r["label"]}
+            for p, c, r in zip(prompt_ids, completion_ids, rows)
+        ])
+        labels: KTOLabels = batch["labels"]
+        image_inputs = {k: v for k, v in prompts.items() if k not in _TEXT_KEYS}
+        for key, value in image_inputs.items():
+            labels[VISION_PREFIX + key] = value
+        for name in _TYPE_KEYS:
+            if name not in prompts:
+                continue
+            types = [t[m].tolist() for t, m in zip(prompts[name], keep)]
+            labels[VISION_PREFIX + name] = self._types(types, completion_ids)
+            if self.build_kl:
+                labels["kl_" + VISION_PREFIX + name] = self._types(types, completion_ids[-1:] + completion_ids[:-1])
+        top = {k[len(VISION_PREFIX):]: v for k, v in labels.items() if k.startswith(VISION_PREFIX)}
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **top,
+                **self.model_kwargs, "labels": labels}
+
+    def _types(self, prompt_types: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
+        """Token types laid out as the ids: the prompt's, then 0 for each completion token, cut and padded alike."""
+        joined = [self._join(t, [0] * len(c))[0] for t, c in zip(prompt_types, completions)]
+        return pad(joined, 0, self.pad_to_multiple_of)
+
+
+def vision_inputs(labels: Any, prefix: str = "") -> dict[str, Any]:
+    """The image inputs of a collated batch for the target (`prefix` "") or KL (`prefix` "kl_") forward."""
+    out = {k[len(VISION_PREFIX):]: v for k, v in labels.items() if k.startswith(VISION_PREFIX)}
+    if prefix:
+        start = prefix + VISION_PREFIX
+        out.update({k[len(start):]: v for k, v in labels.items() if k.startswith(start)})
+    return out
