@@ -43,7 +43,7 @@ from .data_formats import (  # noqa: F401  (as_dataset, is_conversational: re-ex
     extract_prompt,
     is_conversational,
 )
-from .encoding import can_splice, encode
+from .encoding import can_splice, common_prefix_length, encode
 from .guidance import balance_advice
 from .vision import image_column
 from .warnings import KTOPluginWarning
@@ -157,17 +157,6 @@ class DataReport:
         return "; ".join(parts)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    if b[: len(a)] == a:  # the usual case, compared in C
-        return len(a)
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _render(tokenizer: Any, messages: list, tools: Any, extra: Mapping | None, generation: bool) -> str:
     kwargs = {"tools": tools, "tokenize": False, **(extra or {})}
     if generation:
@@ -253,7 +242,7 @@ def _prepare_batch(
             f_ids = next(full_ids)
             n = next(prefixes)
             if n is None:
-                n = _common_prefix(p_ids, f_ids)
+                n = common_prefix_length(p_ids, f_ids)
             completion = f_ids[n:]
             if not completion:
                 column = "completion" if fmt == UNPAIRED else ("chosen" if label else "rejected")

@@ -19,6 +19,8 @@ from typing import Any
 
 import datasets
 
+from .encoding import common_prefix_length
+
 UNPAIRED, PAIRED, IMPLICIT = "unpaired", "paired", "implicit_prompt"
 COLUMNS = {
     UNPAIRED: ("prompt", "completion", "label"),
@@ -101,24 +103,6 @@ def check_rows(batch: Mapping[str, list], indices: Sequence[int], fmt: str, conv
                 )
 
 
-def _first_difference(a: Sequence, b: Sequence) -> int:
-    if isinstance(a, str) and isinstance(b, str):
-        lo, hi = 0, min(len(a), len(b))  # binary search on slice equality: the comparisons run in C
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if a[lo:mid] == b[lo:mid]:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     """(prompt, chosen, rejected) from an implicit-prompt pair, as TRL 1.16's `extract_prompt`.
 
@@ -129,7 +113,7 @@ def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     empty instead, which validation refuses.)
     """
     shortest = min(len(chosen), len(rejected))
-    idx = _first_difference(chosen, rejected)
+    idx = common_prefix_length(chosen, rejected)
     if idx >= shortest:
         idx = shortest - 1
     elif idx > 0 and chosen[idx - 1] == " ":

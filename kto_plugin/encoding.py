@@ -52,21 +52,31 @@ def can_splice(tokenizer: Any) -> bool:
         return False
 
 
-def _common_text(a: str, b: str) -> int:
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+def common_prefix_length(a: Sequence, b: Sequence) -> int:
+    """Length of the longest common prefix of two strings, token-id lists or message lists."""
+    if b[: len(a)] == a:  # the usual case (a is a prefix of b), compared in C
+        return len(a)
+    if isinstance(a, str) and isinstance(b, str):
+        lo, hi = 0, min(len(a), len(b))  # binary search on slice equality: the comparisons run in C
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if a[lo:mid] == b[lo:mid]:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def split_point(prompt: str, fulls: Sequence[str]) -> int:
     """The last space of `prompt` with a letter on each side, inside the text shared with every full text; 0 if
     none."""
-    limit = min(_common_text(prompt, f) for f in fulls)
+    limit = min(common_prefix_length(prompt, f) for f in fulls)
     s = prompt.rfind(" ", 0, limit - 1)
     while s > 0:
         if prompt[s - 1].isalpha() and prompt[s + 1].isalpha():

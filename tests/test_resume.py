@@ -17,15 +17,6 @@ from reference_cases import lora_config
 from peft import get_peft_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads competing for cores made these Trainer
-    runs ~10x slower (measured 54 s vs 4 s for 50 tiny steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 KTO_KEYS = (
     "kl",
     "rewards/chosen",
