@@ -15,7 +15,7 @@ import itertools
 import pytest
 import torch
 from helpers import kto_trainer
-from reference_cases import parity_problems
+from reference_cases import parity_problems, train_and_evaluate
 from trl_oracle import run_ours, run_trl, training_args
 
 
@@ -64,9 +64,7 @@ def test_entropy_and_num_tokens_match_trl_with_gradient_accumulation(base_model,
     eval_rows = rows[-8:]
     trl = run_trl(base_model, rows, tokenizer, kto_kwargs, args, eval_rows=eval_rows)
     ours, _ = run_ours(base_model, rows, tokenizer, kto_kwargs, args, eval_rows=eval_rows)
-    for trainer in (trl, ours):
-        trainer.train()
-        trainer.evaluate()
+    train_and_evaluate(trl, ours)
     expected, actual = trl.state.log_history, ours.state.log_history
     assert any("entropy" in e for e in actual) and any("eval_num_tokens" in e for e in actual)
     # 2e-4 relative; kl and rewards also within their float32 noise floor (see reference_cases)

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from helpers import kto_trainer
-from reference_cases import parity_problems
+from reference_cases import parity_problems, train_and_evaluate
 from trl_oracle import run_ours, run_trl, training_args
 
 
@@ -105,9 +105,7 @@ def test_aux_loss_matches_trl(tokenizer, rows, tmp_path):
     eval_rows = rows[-8:]
     trl = run_trl(model, rows, tokenizer, kto_kwargs, args, eval_rows=eval_rows)
     ours, _ = run_ours(model, rows, tokenizer, kto_kwargs, args, eval_rows=eval_rows)
-    for trainer in (trl, ours):
-        trainer.train()
-        trainer.evaluate()
+    train_and_evaluate(trl, ours)
     expected, actual = trl.state.log_history, ours.state.log_history
     assert any("aux_loss" in e for e in actual) and any("eval_aux_loss" in e for e in actual)
     assert parity_problems(expected, actual) == []

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import kto_trainer
 from peft import LoraConfig
-from reference_cases import parity_problems, peft_policy
+from reference_cases import parity_problems, peft_policy, train_and_evaluate
 from transformers import TrainerCallback
 from trl_oracle import run_ours, run_trl, training_args
 
@@ -164,9 +164,7 @@ def test_sync_matches_trl(base_model, tokenizer, rows, tmp_path):
     eval_rows = rows[-8:]
     trl = run_trl(base_model, rows, tokenizer, kto_kwargs, args, eval_rows=eval_rows)
     ours, _ = run_ours(base_model, rows, tokenizer, kto_kwargs, args, eval_rows=eval_rows)
-    for trainer in (trl, ours):
-        trainer.train()
-        trainer.evaluate()
+    train_and_evaluate(trl, ours)
     expected, actual = trl.state.log_history, ours.state.log_history
     assert parity_problems(expected, actual) == []
     # and the sync changed the run: without it the rewards after the first sync differ
