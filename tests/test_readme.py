@@ -174,3 +174,9 @@ def test_lora_null_reference_snippet_trains_an_adapter_against_the_base_model(to
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     first = namespace["trainer"].state.log_history[0]
     assert first["loss"] == pytest.approx(0.5, abs=1e-6)  # fresh LoRA (B = 0): policy == base == reference
+
+
+def test_configuration_table_names_every_kto_config_field():
+    section = README.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([a-z_]+)`", section))
+    assert sorted(f.name for f in dataclasses.fields(KTOConfig) if f.name not in named) == []
