@@ -1,6 +1,6 @@
 """`kto-plugin`: the command line, shaped like TRL's `examples/scripts/kto.py`.
 
-    kto-plugin train                      # the embedded tiny default: offline, about 2 minutes on 2 CPU cores
+    kto-plugin train                      # the embedded tiny default: offline, about 30 s on 2 CPU cores
     kto-plugin train --model_name_or_path M --dataset_name D [--use_peft] [KTOConfig/TrainingArguments flags]
     kto-plugin train --config run.yaml [--any_flag value]   # flags on the command line override the file
     kto-plugin plot OUTPUT_DIR [--out file.png]
