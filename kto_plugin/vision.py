@@ -69,6 +69,23 @@ def render(processor: Any, row: dict[str, Any], images: Sequence[Any]) -> tuple[
     return prompt_text, full[len(prompt_text):]
 
 
+def image_token_end(processor: Any, rows: Sequence[dict[str, Any]], column: str) -> list[int] | None:
+    """For each row, how many prompt tokens run up to and including its last image token (0 without images), as
+    the collator's processor call expands them; None if the processor marks no image tokens we can find."""
+    images = [list(r[column]) if column == "images" else [r[column]] for r in rows]
+    prompts = [render(processor, r, imgs)[0] for r, imgs in zip(rows, images)]
+    out = processor(images=images if any(images) else None, text=prompts, add_special_tokens=False)
+    image_id = getattr(processor, "image_token_id", None)
+    types = next((out[k] for k in _TYPE_KEYS if k in out), None)
+    if types is None and image_id is None:
+        return None
+    ends = []
+    for i, ids in enumerate(out["input_ids"]):
+        marks = [t != 0 for t in types[i]] if types is not None else [t == image_id for t in ids]
+        ends.append(max((j + 1 for j, m in enumerate(marks) if m), default=0))
+    return ends
+
+
 class VisionKTOCollator(KTOCollator):
     """`KTOCollator` for rows with images: the text batch of `KTOCollator` plus the processor's image inputs.
 

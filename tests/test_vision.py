@@ -177,3 +177,26 @@ def test_lora_with_the_null_reference_matches_trl_on_a_vision_language_model(pro
     train_and_evaluate(trl, ours)
     assert parity_problems(trl.state.log_history, ours.state.log_history) == []
     assert max(abs(e.get("rewards/chosen", 0.0)) for e in ours.state.log_history) > 0.01
+
+
+def test_max_length_that_would_cut_image_tokens_is_refused_at_prepare(processor, image_rows):
+    from kto_plugin.vision import image_token_end
+
+    ends = image_token_end(processor, image_rows, "images")
+    # the reference: the processor's own expansion of each prompt, searched for its last image-pad token
+    pad_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    end_id = processor.tokenizer.convert_tokens_to_ids("<|vision_end|>")
+    for row, end in zip(image_rows, ends):
+        from kto_plugin.vision import render
+
+        prompt, _ = render(processor, row, row["images"])
+        ids = processor(images=[row["images"]], text=[prompt], add_special_tokens=False)["input_ids"][0]
+        last = max(i for i, t in enumerate(ids) if t == pad_id)
+        assert end == last + 1 and ids[last + 1] == end_id
+    short = max(ends) - 1
+    bad = ends.index(max(ends))
+    with pytest.raises(ValueError, match=rf"row {bad}: its prompt's image tokens end at token {max(ends)}.*"
+                                         rf"max_length={short}.*KTOConfig\(max_length="):
+        KTOPlugin(KTOConfig(max_length=short), tokenizer=processor).prepare_dataset(image_rows)
+    kto = KTOPlugin(KTOConfig(max_length=max(ends)), tokenizer=processor)
+    assert len(kto.prepare_dataset(image_rows)) == len(image_rows)  # every image token fits: accepted
