@@ -114,6 +114,7 @@ class VisionKTOCollator(KTOCollator):
         completions = self.processor(text=[t[1] for t in texts], add_special_tokens=False)["input_ids"]
         keep = prompts["attention_mask"].bool()
         prompt_ids = [ids[m].tolist() for ids, m in zip(prompts["input_ids"], keep)]
+        self._check_image_tokens(prompts, keep)
         completion_ids = [list(c) for c in completions]
         batch = super().__call__([
             {"prompt_ids": p, "completion_ids": c, "label": r["label"]}
@@ -133,6 +134,26 @@ class VisionKTOCollator(KTOCollator):
         top = {k[len(VISION_PREFIX):]: v for k, v in labels.items() if k.startswith(VISION_PREFIX)}
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **top,
                 **self.model_kwargs, "labels": labels}
+
+    def _check_image_tokens(self, prompts: Any, keep: torch.Tensor) -> None:
+        """Refuses a keep-start cut to `max_length` inside a prompt's image tokens (streamed rows reach here
+        unchecked; `prepare_dataset` checks map-style rows)."""
+        if self.max_length is None:
+            return
+        types = next((prompts[k] for k in _TYPE_KEYS if k in prompts), None)
+        image_id = getattr(self.processor, "image_token_id", None)
+        if types is None and image_id is None:
+            return
+        for i, m in enumerate(keep):
+            marks = (types[i][m] != 0) if types is not None else (prompts["input_ids"][i][m] == image_id)
+            end = int(marks.nonzero().max()) + 1 if bool(marks.any()) else 0
+            if end > self.max_length:
+                raise ValueError(
+                    f"vision batch, row {i} of this batch: its prompt's image tokens end at token {end}, past "
+                    f"max_length={self.max_length}, so the cut would keep only part of the image. Raise "
+                    f"KTOConfig(max_length=...) above {end} (room for the completion too), or make the images "
+                    "smaller (fewer image tokens), or filter the row out."
+                )
 
     def _types(self, prompt_types: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
         """Token types laid out as the ids: the prompt's, then 0 for each completion token, cut and padded alike."""

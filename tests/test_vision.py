@@ -200,3 +200,16 @@ def test_max_length_that_would_cut_image_tokens_is_refused_at_prepare(processor,
         KTOPlugin(KTOConfig(max_length=short), tokenizer=processor).prepare_dataset(image_rows)
     kto = KTOPlugin(KTOConfig(max_length=max(ends)), tokenizer=processor)
     assert len(kto.prepare_dataset(image_rows)) == len(image_rows)  # every image token fits: accepted
+
+
+def test_collator_refuses_a_cut_through_image_tokens_for_streamed_rows(processor, image_rows):
+    from datasets import IterableDataset
+    from kto_plugin.vision import image_token_end
+
+    ends = image_token_end(processor, image_rows[:4], "images")
+    kto = KTOPlugin(KTOConfig(max_length=max(ends) - 1), tokenizer=processor)
+    prepared = kto.prepare_dataset(IterableDataset.from_generator(lambda: iter(image_rows[:4])))  # not checked here
+    with pytest.raises(ValueError, match=rf"image tokens end at token {max(ends)}.*max_length={max(ends) - 1}"):
+        kto.collator(list(prepared))
+    ok = KTOPlugin(KTOConfig(max_length=max(ends)), tokenizer=processor)
+    assert ok.collator(image_rows[:4])["input_ids"].shape[1] == max(ends)
