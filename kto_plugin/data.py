@@ -481,7 +481,9 @@ class Preparer:
                     )
 
     def _stream(self, dataset: datasets.IterableDataset, name: str) -> tuple[Any, DataReport]:
-        first = next(iter(dataset))  # reads one row; the rest is prepared as it is read
+        first = next(iter(dataset), None)  # reads one row; the rest is prepared as it is read
+        if first is None:
+            raise ValueError(f"{name} dataset is an empty stream: there are no rows to train on.")
         columns = list(dataset.column_names or first)
         if check_images(columns, name, self.processor, self.config):
             return dataset, DataReport(name=name, streaming=True,

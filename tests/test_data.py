@@ -492,3 +492,12 @@ def test_extract_prompt_is_trls(chosen, rejected):
 
     theirs = trl_extract_prompt({"chosen": chosen, "rejected": rejected})
     assert extract_prompt(chosen, rejected) == (theirs["prompt"], theirs["chosen"], theirs["rejected"])
+
+
+def test_an_empty_stream_is_refused_with_a_clear_error(tokenizer):
+    from datasets import Features, Value
+
+    features = Features({"prompt": Value("string"), "completion": Value("string"), "label": Value("bool")})
+    empty = IterableDataset.from_generator(lambda: iter([]), features=features)
+    with pytest.raises(ValueError, match="train dataset is an empty stream: there are no rows to train on"):
+        KTOPlugin(KTOConfig(), tokenizer=tokenizer).prepare_dataset(empty)
