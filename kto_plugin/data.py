@@ -320,7 +320,9 @@ def _fate(prompt_len: np.ndarray, completion_len: np.ndarray, max_length: int | 
     total = prompt_len + completion_len
     if mode == "keep_end":
         truncated = total > max_length
-        return none, truncated, completion_len >= max_length
+        # the collator keeps the prompt's first token and the completion's first max_length - 1 (a row that
+        # fits, e.g. a completion of exactly max_length with an empty prompt, is not cut at all)
+        return none, truncated, truncated & (completion_len >= max_length)
     dropped = prompt_len >= max_length
     truncated = ~dropped & (total > max_length)
     return dropped, truncated, truncated
