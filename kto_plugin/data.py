@@ -488,8 +488,9 @@ class Preparer:
             raise ValueError(f"{name} dataset is an empty stream: there are no rows to train on.")
         columns = list(dataset.column_names or first)
         if check_images(columns, name, self.processor, self.config):
-            return dataset, DataReport(name=name, streaming=True,
-                                       conversational=is_conversational(first["prompt"]))
+            report = DataReport(name=name, streaming=True, conversational=is_conversational(first["prompt"]))
+            counter = _VisionStreamCounter(report)
+            return dataset.map(counter, batched=True, batch_size=TRL_UNPAIR_BLOCK, with_indices=True), report
         fmt = detect_format(columns, name)
         conversational = is_conversational(first[TEXT_COLUMNS[fmt][0]])
         self._check(fmt, conversational, name)
@@ -538,3 +539,21 @@ class _StreamCounter:
         if ROW_INDEX not in out:
             out[ROW_INDEX] = out["_row"]
         return {k: [v[j] for j in keep] for k, v in out.items() if k not in _STATS}
+
+
+class _VisionStreamCounter:
+    """Checks streamed image rows as `Preparer._vision` checks map-style ones, and counts them as they are read;
+    the rows pass unchanged (the collator processes their images)."""
+
+    def __init__(self, report: DataReport) -> None:
+        self.report = report
+
+    def __call__(self, batch: Mapping[str, list], indices: list[int]) -> dict[str, list]:
+        r = self.report
+        check_rows(batch, indices, UNPAIRED, r.conversational, r.name)
+        desirable = sum(1 for label in batch["label"] if label)
+        r.rows_in += len(indices)
+        r.rows_out += len(indices)
+        r.n_desirable += desirable
+        r.n_undesirable += len(indices) - desirable
+        return {}

@@ -213,3 +213,20 @@ def test_collator_refuses_a_cut_through_image_tokens_for_streamed_rows(processor
         kto.collator(list(prepared))
     ok = KTOPlugin(KTOConfig(max_length=max(ends)), tokenizer=processor)
     assert ok.collator(image_rows[:4])["input_ids"].shape[1] == max(ends)
+
+
+def test_streamed_image_rows_are_checked_and_counted(processor, image_rows):
+    from datasets import IterableDataset
+
+    kto = KTOPlugin(KTOConfig(), tokenizer=processor)
+    prepared = kto.prepare_dataset(IterableDataset.from_generator(lambda: iter(image_rows[:8])))
+    assert len(list(prepared)) == 8
+    report = kto.data_reports["train"]
+    n_desirable = sum(r["label"] for r in image_rows[:8])
+    assert (report.rows_in, report.rows_out, report.n_desirable, report.n_undesirable) == (8, 8, n_desirable,
+                                                                                          8 - n_desirable)
+    bad = [dict(r) for r in image_rows[:4]]
+    bad[2]["label"] = "yes"
+    stream = KTOPlugin(KTOConfig(), tokenizer=processor).prepare_dataset(IterableDataset.from_generator(lambda: iter(bad)))
+    with pytest.raises(ValueError, match="row 2: 'label' is 'yes' \\(str\\); it must be a bool"):
+        list(stream)
