@@ -134,6 +134,8 @@ def check_columns_of_rows(rows: Sequence[Mapping[str, Any]], fmt: str, name: str
 
 def columns_from_dict(data: Mapping[str, Any], name: str) -> None:
     """A dict of columns must hold equally long lists; names the column whose length differs."""
+    if not data:
+        raise ValueError(f"{name} dataset is an empty dict: no columns, no rows to train on. {_SHAPES}.")
     lengths = {}
     for column, values in data.items():
         if not isinstance(values, (list, tuple)):

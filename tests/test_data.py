@@ -531,3 +531,8 @@ def test_report_truncation_counts_match_what_the_collator_cuts(tokenizer, rows, 
     report = kto.data_reports["train"]
     assert (report.truncated, report.completion_truncated) == (truncated, completion_truncated)
     assert truncated > 0
+
+
+def test_an_empty_dict_of_columns_is_refused_with_a_clear_error(tokenizer):
+    with pytest.raises(ValueError, match=r"train dataset is an empty dict: no columns.*'prompt', 'completion', 'label'"):
+        KTOPlugin(KTOConfig(), tokenizer=tokenizer).prepare_dataset({})
