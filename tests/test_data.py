@@ -536,3 +536,14 @@ def test_report_truncation_counts_match_what_the_collator_cuts(tokenizer, rows, 
 def test_an_empty_dict_of_columns_is_refused_with_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match=r"train dataset is an empty dict: no columns.*'prompt', 'completion', 'label'"):
         KTOPlugin(KTOConfig(), tokenizer=tokenizer).prepare_dataset({})
+
+
+def test_a_list_that_is_not_messages_names_its_row(tokenizer, rows):
+    data = [dict(r) for r in rows[:4]]
+    data[1]["completion"] = ["Sure.", "No."]  # a list of strings: neither text nor {'role', 'content'} messages
+    kto = KTOPlugin(KTOConfig(), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"row 1: 'completion' is a list of str, not a string or a list of "):
+        kto.prepare_dataset(data)
+    every = Dataset.from_list([{**r, "completion": [r["completion"]]} for r in rows[:4]])  # Arrow accepts these
+    with pytest.raises(ValueError, match=r"row 0: 'completion' is a list of str, not a string or a list of "):
+        kto.prepare_dataset(every)
