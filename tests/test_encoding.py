@@ -106,3 +106,12 @@ def test_spliced_rows_after_an_easy_first_row_equal_full_encoding(tokenizer, mon
         assert sum(n is not None for n in fast[2]) > 50  # many rows spliced
         assert fast[0] == tok(prompts)["input_ids"]
         assert fast[1] == tok([f for group in fulls for f in group])["input_ids"]
+
+
+def test_a_full_text_sharing_no_start_with_its_prompt_is_not_spliced(tokenizer):
+    # a chat template may render the full text differently from its first character on: nothing is shared
+    assert split_point("hello there friend", ["Xhello there friend and more"]) == 0
+    prompts = ["Hello world and friends", "hello there my friend"]  # an easy first row: the batch check passes
+    fulls = [["Hello world and friends fine</s>"], ["Zhello there my friend again</s>"]]
+    fast = encode(tokenizer, prompts, fulls, False, splice=True)
+    assert fast[1] == tokenizer([f for group in fulls for f in group], add_special_tokens=False)["input_ids"]
