@@ -45,7 +45,7 @@ from .data_formats import (  # noqa: F401  (as_dataset, is_conversational: re-ex
 )
 from .encoding import can_splice, common_prefix_length, encode
 from .guidance import balance_advice
-from .vision import image_column, image_token_end
+from .vision import image_column, layout
 from .warnings import KTOPluginWarning
 
 logger = logging.getLogger("kto_plugin")
@@ -455,25 +455,24 @@ class Preparer:
         conversational = is_conversational(dataset[0]["prompt"])
         text = dataset.select_columns(["prompt", "completion", "label"])[:]  # the images are not decoded
         check_rows(text, range(len(dataset)), UNPAIRED, conversational, name)
-        self._check_image_tokens(dataset, name)
         n_desirable = int(sum(dataset["label"]))
         report = DataReport(name=name, conversational=conversational, rows_in=len(dataset), rows_out=len(dataset),
                             n_desirable=n_desirable, n_undesirable=len(dataset) - n_desirable)
+        self._check_image_tokens(dataset, report)
         return dataset, report
 
-    def _check_image_tokens(self, dataset: datasets.Dataset, name: str, batch: int = 64) -> None:
+    def _check_image_tokens(self, dataset: datasets.Dataset, report: DataReport, batch: int = 64) -> None:
         """Refuses a `max_length` that the collator's keep-start cut would place inside a row's image tokens (the
-        model would then get image features without their tokens). Processes the rows' images once."""
-        max_length = self.config.max_length
+        model would then get image features without their tokens), and counts in `report` the rows the collator
+        will cut. Processes the rows' images once."""
+        max_length, name = self.config.max_length, report.name
         if max_length is None:
             return
         column = image_column(dataset.column_names)
         for start in range(0, len(dataset), batch):
             rows = dataset.select(range(start, min(start + batch, len(dataset))))
-            ends = image_token_end(self.processor, list(rows), column)
-            if ends is None:
-                return
-            for i, end in enumerate(ends):
+            prompt_lens, ends, completion_lens = layout(self.processor, list(rows), column)
+            for i, end in enumerate(ends or []):
                 if end > max_length:
                     raise ValueError(
                         f"{name} dataset, row {start + i}: its prompt's image tokens end at token {end}, past "
@@ -481,6 +480,10 @@ class Preparer:
                         f"KTOConfig(max_length=...) above {end} (room for the completion too), or make the images "
                         "smaller (fewer image tokens), or filter the row out."
                     )
+            # keep-start, as the collator cuts; nothing is dropped (as TRL 1.16's vision collator)
+            cut = (np.array(prompt_lens) + np.array(completion_lens)) > max_length
+            report.truncated += int(cut.sum())
+            report.completion_truncated += int(cut.sum())
 
     def _stream(self, dataset: datasets.IterableDataset, name: str) -> tuple[Any, DataReport]:
         first = next(iter(dataset), None)  # reads one row; the rest is prepared as it is read

@@ -69,21 +69,32 @@ def render(processor: Any, row: dict[str, Any], images: Sequence[Any]) -> tuple[
     return prompt_text, full[len(prompt_text):]
 
 
-def image_token_end(processor: Any, rows: Sequence[dict[str, Any]], column: str) -> list[int] | None:
-    """For each row, how many prompt tokens run up to and including its last image token (0 without images), as
-    the collator's processor call expands them; None if the processor marks no image tokens we can find."""
+def layout(
+    processor: Any, rows: Sequence[dict[str, Any]], column: str
+) -> tuple[list[int], list[int] | None, list[int]]:
+    """(prompt tokens, image-token end, completion tokens) of each row, as the collator's processor calls give
+    them; the image-token end is how many prompt tokens run up to and including the last image token (0 without
+    images), None if the processor marks no image tokens we can find."""
     images = [list(r[column]) if column == "images" else [r[column]] for r in rows]
-    prompts = [render(processor, r, imgs)[0] for r, imgs in zip(rows, images)]
-    out = processor(images=images if any(images) else None, text=prompts, add_special_tokens=False)
+    texts = [render(processor, r, imgs) for r, imgs in zip(rows, images)]
+    out = processor(images=images if any(images) else None, text=[t[0] for t in texts], add_special_tokens=False)
+    completions = processor(text=[t[1] for t in texts], add_special_tokens=False)["input_ids"]
+    prompt_lens = [len(ids) for ids in out["input_ids"]]
+    completion_lens = [len(ids) for ids in completions]
     image_id = getattr(processor, "image_token_id", None)
     types = next((out[k] for k in _TYPE_KEYS if k in out), None)
     if types is None and image_id is None:
-        return None
+        return prompt_lens, None, completion_lens
     ends = []
     for i, ids in enumerate(out["input_ids"]):
         marks = [t != 0 for t in types[i]] if types is not None else [t == image_id for t in ids]
         ends.append(max((j + 1 for j, m in enumerate(marks) if m), default=0))
-    return ends
+    return prompt_lens, ends, completion_lens
+
+
+def image_token_end(processor: Any, rows: Sequence[dict[str, Any]], column: str) -> list[int] | None:
+    """`layout`'s image-token end of each row."""
+    return layout(processor, rows, column)[1]
 
 
 class VisionKTOCollator(KTOCollator):

@@ -534,7 +534,7 @@ def test_report_truncation_counts_match_what_the_collator_cuts(tokenizer, rows, 
 
 
 def test_an_empty_dict_of_columns_is_refused_with_a_clear_error(tokenizer):
-    with pytest.raises(ValueError, match=r"train dataset is an empty dict: no columns.*'prompt', 'completion', 'label'"):
+    with pytest.raises(ValueError, match=r"train dataset is an empty dict: no columns.*'completion', 'label'"):
         KTOPlugin(KTOConfig(), tokenizer=tokenizer).prepare_dataset({})
 
 

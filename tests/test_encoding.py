@@ -88,7 +88,8 @@ def test_spliced_rows_after_an_easy_first_row_equal_full_encoding(tokenizer, mon
     from tokenizers import AddedToken, processors
 
     rng = random.Random(1)
-    pieces = list("abXY  \n\t'sé日😀12.,!-") + ["\u0301", "</s>", "<s>", "'ll", " \u00a0", "ß", "\u200b", "\r\n", "wor"]
+    pieces = list("abXY  \n\t'sé日😀12.,!-")
+    pieces += ["\u0301", "</s>", "<s>", "'ll", " \u00a0", "ß", "\u200b", "\r\n", "wor"]
     text = lambda n: "".join(rng.choice(pieces) for _ in range(n))  # noqa: E731
     prompts, fulls = ["Hello world and friends"], [["Hello world and friends fine</s>"]]
     for _ in range(400):

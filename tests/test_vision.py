@@ -227,6 +227,26 @@ def test_streamed_image_rows_are_checked_and_counted(processor, image_rows):
                                                                                           8 - n_desirable)
     bad = [dict(r) for r in image_rows[:4]]
     bad[2]["label"] = "yes"
-    stream = KTOPlugin(KTOConfig(), tokenizer=processor).prepare_dataset(IterableDataset.from_generator(lambda: iter(bad)))
+    kto = KTOPlugin(KTOConfig(), tokenizer=processor)
+    stream = kto.prepare_dataset(IterableDataset.from_generator(lambda: iter(bad)))
     with pytest.raises(ValueError, match="row 2: 'label' is 'yes' \\(str\\); it must be a bool"):
         list(stream)
+
+
+def test_report_counts_the_rows_the_vision_collator_cuts(processor, image_rows):
+    from kto_plugin.vision import image_token_end
+
+    max_length = max(image_token_end(processor, image_rows, "images")) + 6  # every image fits, completions do not
+    kto = KTOPlugin(KTOConfig(max_length=max_length), tokenizer=processor)
+    prepared = kto.prepare_dataset(image_rows)
+    uncut = KTOPlugin(KTOConfig(max_length=None), tokenizer=processor).collator(list(prepared))
+    batch = kto.collator(list(prepared))  # the reference: what the collator keeps of each row
+    truncated = completion_truncated = 0
+    for i in range(len(prepared)):
+        truncated += int(batch["attention_mask"][i].sum()) < int(uncut["attention_mask"][i].sum())
+        kept = int((batch["labels"]["completion_labels"][i] != -100).sum())
+        completion_truncated += kept < int((uncut["labels"]["completion_labels"][i] != -100).sum())
+    report = kto.data_reports["train"]
+    assert truncated > 0
+    assert (report.truncated, report.completion_truncated) == (truncated, completion_truncated)
+    assert f"{truncated} cut to max_length" in report.summary()
