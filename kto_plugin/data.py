@@ -45,7 +45,7 @@ from .data_formats import (  # noqa: F401  (as_dataset, is_conversational: re-ex
 )
 from .encoding import can_splice, common_prefix_length, encode
 from .guidance import balance_advice
-from .vision import image_column
+from .vision import image_column, layout
 from .warnings import KTOPluginWarning
 
 logger = logging.getLogger("kto_plugin")
@@ -320,7 +320,9 @@ def _fate(prompt_len: np.ndarray, completion_len: np.ndarray, max_length: int | 
     total = prompt_len + completion_len
     if mode == "keep_end":
         truncated = total > max_length
-        return none, truncated, completion_len >= max_length
+        # the collator keeps the prompt's first token and the completion's first max_length - 1 (a row that
+        # fits, e.g. a completion of exactly max_length with an empty prompt, is not cut at all)
+        return none, truncated, truncated & (completion_len >= max_length)
     dropped = prompt_len >= max_length
     truncated = ~dropped & (total > max_length)
     return dropped, truncated, truncated
@@ -456,14 +458,42 @@ class Preparer:
         n_desirable = int(sum(dataset["label"]))
         report = DataReport(name=name, conversational=conversational, rows_in=len(dataset), rows_out=len(dataset),
                             n_desirable=n_desirable, n_undesirable=len(dataset) - n_desirable)
+        self._check_image_tokens(dataset, report)
         return dataset, report
 
+    def _check_image_tokens(self, dataset: datasets.Dataset, report: DataReport, batch: int = 64) -> None:
+        """Refuses a `max_length` that the collator's keep-start cut would place inside a row's image tokens (the
+        model would then get image features without their tokens), and counts in `report` the rows the collator
+        will cut. Processes the rows' images once."""
+        max_length, name = self.config.max_length, report.name
+        if max_length is None:
+            return
+        column = image_column(dataset.column_names)
+        for start in range(0, len(dataset), batch):
+            rows = dataset.select(range(start, min(start + batch, len(dataset))))
+            prompt_lens, ends, completion_lens = layout(self.processor, list(rows), column)
+            for i, end in enumerate(ends or []):
+                if end > max_length:
+                    raise ValueError(
+                        f"{name} dataset, row {start + i}: its prompt's image tokens end at token {end}, past "
+                        f"max_length={max_length}, so the collator's cut would keep only part of the image. Raise "
+                        f"KTOConfig(max_length=...) above {end} (room for the completion too), or make the images "
+                        "smaller (fewer image tokens), or filter the row out."
+                    )
+            # keep-start, as the collator cuts; nothing is dropped (as TRL 1.16's vision collator)
+            cut = (np.array(prompt_lens) + np.array(completion_lens)) > max_length
+            report.truncated += int(cut.sum())
+            report.completion_truncated += int(cut.sum())
+
     def _stream(self, dataset: datasets.IterableDataset, name: str) -> tuple[Any, DataReport]:
-        first = next(iter(dataset))  # reads one row; the rest is prepared as it is read
+        first = next(iter(dataset), None)  # reads one row; the rest is prepared as it is read
+        if first is None:
+            raise ValueError(f"{name} dataset is an empty stream: there are no rows to train on.")
         columns = list(dataset.column_names or first)
         if check_images(columns, name, self.processor, self.config):
-            return dataset, DataReport(name=name, streaming=True,
-                                       conversational=is_conversational(first["prompt"]))
+            report = DataReport(name=name, streaming=True, conversational=is_conversational(first["prompt"]))
+            counter = _VisionStreamCounter(report)
+            return dataset.map(counter, batched=True, batch_size=TRL_UNPAIR_BLOCK, with_indices=True), report
         fmt = detect_format(columns, name)
         conversational = is_conversational(first[TEXT_COLUMNS[fmt][0]])
         self._check(fmt, conversational, name)
@@ -512,3 +542,21 @@ class _StreamCounter:
         if ROW_INDEX not in out:
             out[ROW_INDEX] = out["_row"]
         return {k: [v[j] for j in keep] for k, v in out.items() if k not in _STATS}
+
+
+class _VisionStreamCounter:
+    """Checks streamed image rows as `Preparer._vision` checks map-style ones, and counts them as they are read;
+    the rows pass unchanged (the collator processes their images)."""
+
+    def __init__(self, report: DataReport) -> None:
+        self.report = report
+
+    def __call__(self, batch: Mapping[str, list], indices: list[int]) -> dict[str, list]:
+        r = self.report
+        check_rows(batch, indices, UNPAIRED, r.conversational, r.name)
+        desirable = sum(1 for label in batch["label"] if label)
+        r.rows_in += len(indices)
+        r.rows_out += len(indices)
+        r.n_desirable += desirable
+        r.n_undesirable += len(indices) - desirable
+        return {}

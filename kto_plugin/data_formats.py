@@ -95,6 +95,13 @@ def check_rows(batch: Mapping[str, list], indices: Sequence[int], fmt: str, conv
                     f"{' and '.join(repr(c) for c in TEXT_COLUMNS[fmt])}: filter such rows out first, e.g. "
                     f"dataset.filter(lambda r: bool(r[{column!r}]))."
                 )
+            if isinstance(value, list) and not is_conversational(value):
+                got = type(value[0]).__name__
+                raise ValueError(
+                    f"{name} dataset, row {row}: {column!r} is a list of {got}, not a string or a list of "
+                    "{'role', 'content'} messages. Join it into one string, or write it as messages, e.g. "
+                    "[{'role': 'assistant', 'content': ...}]."
+                )
             if not isinstance(value, (str, list)) or is_conversational(value) != conversational:
                 got = "conversational" if is_conversational(value) else type(value).__name__
                 raise ValueError(
@@ -134,6 +141,8 @@ def check_columns_of_rows(rows: Sequence[Mapping[str, Any]], fmt: str, name: str
 
 def columns_from_dict(data: Mapping[str, Any], name: str) -> None:
     """A dict of columns must hold equally long lists; names the column whose length differs."""
+    if not data:
+        raise ValueError(f"{name} dataset is an empty dict: no columns, no rows to train on. {_SHAPES}.")
     lengths = {}
     for column, values in data.items():
         if not isinstance(values, (list, tuple)):

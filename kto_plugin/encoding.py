@@ -77,6 +77,8 @@ def split_point(prompt: str, fulls: Sequence[str]) -> int:
     """The last space of `prompt` with a letter on each side, inside the text shared with every full text; 0 if
     none."""
     limit = min(common_prefix_length(prompt, f) for f in fulls)
+    if limit < 3:  # no room for letter, space, letter (and rfind would read a negative end from the right)
+        return 0
     s = prompt.rfind(" ", 0, limit - 1)
     while s > 0:
         if prompt[s - 1].isalpha() and prompt[s + 1].isalpha():

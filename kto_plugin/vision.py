@@ -69,6 +69,34 @@ def render(processor: Any, row: dict[str, Any], images: Sequence[Any]) -> tuple[
     return prompt_text, full[len(prompt_text):]
 
 
+def layout(
+    processor: Any, rows: Sequence[dict[str, Any]], column: str
+) -> tuple[list[int], list[int] | None, list[int]]:
+    """(prompt tokens, image-token end, completion tokens) of each row, as the collator's processor calls give
+    them; the image-token end is how many prompt tokens run up to and including the last image token (0 without
+    images), None if the processor marks no image tokens we can find."""
+    images = [list(r[column]) if column == "images" else [r[column]] for r in rows]
+    texts = [render(processor, r, imgs) for r, imgs in zip(rows, images)]
+    out = processor(images=images if any(images) else None, text=[t[0] for t in texts], add_special_tokens=False)
+    completions = processor(text=[t[1] for t in texts], add_special_tokens=False)["input_ids"]
+    prompt_lens = [len(ids) for ids in out["input_ids"]]
+    completion_lens = [len(ids) for ids in completions]
+    image_id = getattr(processor, "image_token_id", None)
+    types = next((out[k] for k in _TYPE_KEYS if k in out), None)
+    if types is None and image_id is None:
+        return prompt_lens, None, completion_lens
+    ends = []
+    for i, ids in enumerate(out["input_ids"]):
+        marks = [t != 0 for t in types[i]] if types is not None else [t == image_id for t in ids]
+        ends.append(max((j + 1 for j, m in enumerate(marks) if m), default=0))
+    return prompt_lens, ends, completion_lens
+
+
+def image_token_end(processor: Any, rows: Sequence[dict[str, Any]], column: str) -> list[int] | None:
+    """`layout`'s image-token end of each row."""
+    return layout(processor, rows, column)[1]
+
+
 class VisionKTOCollator(KTOCollator):
     """`KTOCollator` for rows with images: the text batch of `KTOCollator` plus the processor's image inputs.
 
@@ -97,6 +125,7 @@ class VisionKTOCollator(KTOCollator):
         completions = self.processor(text=[t[1] for t in texts], add_special_tokens=False)["input_ids"]
         keep = prompts["attention_mask"].bool()
         prompt_ids = [ids[m].tolist() for ids, m in zip(prompts["input_ids"], keep)]
+        self._check_image_tokens(prompts, keep)
         completion_ids = [list(c) for c in completions]
         batch = super().__call__([
             {"prompt_ids": p, "completion_ids": c, "label": r["label"]}
@@ -116,6 +145,26 @@ class VisionKTOCollator(KTOCollator):
         top = {k[len(VISION_PREFIX):]: v for k, v in labels.items() if k.startswith(VISION_PREFIX)}
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **top,
                 **self.model_kwargs, "labels": labels}
+
+    def _check_image_tokens(self, prompts: Any, keep: torch.Tensor) -> None:
+        """Refuses a keep-start cut to `max_length` inside a prompt's image tokens (streamed rows reach here
+        unchecked; `prepare_dataset` checks map-style rows)."""
+        if self.max_length is None:
+            return
+        types = next((prompts[k] for k in _TYPE_KEYS if k in prompts), None)
+        image_id = getattr(self.processor, "image_token_id", None)
+        if types is None and image_id is None:
+            return
+        for i, m in enumerate(keep):
+            marks = (types[i][m] != 0) if types is not None else (prompts["input_ids"][i][m] == image_id)
+            end = int(marks.nonzero().max()) + 1 if bool(marks.any()) else 0
+            if end > self.max_length:
+                raise ValueError(
+                    f"vision batch, row {i} of this batch: its prompt's image tokens end at token {end}, past "
+                    f"max_length={self.max_length}, so the cut would keep only part of the image. Raise "
+                    f"KTOConfig(max_length=...) above {end} (room for the completion too), or make the images "
+                    "smaller (fewer image tokens), or filter the row out."
+                )
 
     def _types(self, prompt_types: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
         """Token types laid out as the ids: the prompt's, then 0 for each completion token, cut and padded alike."""

@@ -492,3 +492,58 @@ def test_extract_prompt_is_trls(chosen, rejected):
 
     theirs = trl_extract_prompt({"chosen": chosen, "rejected": rejected})
     assert extract_prompt(chosen, rejected) == (theirs["prompt"], theirs["chosen"], theirs["rejected"])
+
+
+def test_an_empty_stream_is_refused_with_a_clear_error(tokenizer):
+    from datasets import Features, Value
+
+    features = Features({"prompt": Value("string"), "completion": Value("string"), "label": Value("bool")})
+    empty = IterableDataset.from_generator(lambda: iter([]), features=features)
+    with pytest.raises(ValueError, match="train dataset is an empty stream: there are no rows to train on"):
+        KTOPlugin(KTOConfig(), tokenizer=tokenizer).prepare_dataset(empty)
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_report_truncation_counts_match_what_the_collator_cuts(tokenizer, rows, mode):
+    from tokenizers import processors
+
+    no_bos = copy.deepcopy(tokenizer)
+    no_bos.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    # a prompt whose tokens merge into the completion's ("th" + "e cat"), so it keeps no token of its own
+    splits = [("th", "e cat is here"), ("Hum", "an: hello there"), ("yo", "u are right"), ("wh", "at is it")]
+    prompt, completion = next((p, c) for p, c in splits
+                              if no_bos.tokenize(p)[0] != no_bos.tokenize(p + c + no_bos.eos_token)[0])
+    data = [dict(r) for r in rows[:12]] + [{"prompt": prompt, "completion": completion + " again", "label": True},
+                                          {"prompt": prompt, "completion": completion, "label": False}]
+    max_length = 24
+    kto = KTOPlugin(KTOConfig(max_length=max_length, truncation_mode=mode), tokenizer=no_bos)
+    prepared = prepare(kto, data)
+    assert prepared[-1]["prompt_ids"] == [] and len(prepared[-1]["completion_ids"]) < max_length
+    kto = KTOPlugin(KTOConfig(max_length=len(prepared[-1]["completion_ids"]), truncation_mode=mode), tokenizer=no_bos)
+    prepared = prepare(kto, data)
+    truncated = completion_truncated = 0
+    batch = kto.collator(list(prepared))  # the reference: what the collator keeps of each row
+    for i, row in enumerate(prepared):
+        kept = int(batch["attention_mask"][i].sum())
+        kept_completion = int((batch["labels"]["completion_labels"][i] != -100).sum())
+        truncated += kept < len(row["prompt_ids"]) + len(row["completion_ids"])
+        completion_truncated += kept_completion < len(row["completion_ids"])
+    report = kto.data_reports["train"]
+    assert (report.truncated, report.completion_truncated) == (truncated, completion_truncated)
+    assert truncated > 0
+
+
+def test_an_empty_dict_of_columns_is_refused_with_a_clear_error(tokenizer):
+    with pytest.raises(ValueError, match=r"train dataset is an empty dict: no columns.*'completion', 'label'"):
+        KTOPlugin(KTOConfig(), tokenizer=tokenizer).prepare_dataset({})
+
+
+def test_a_list_that_is_not_messages_names_its_row(tokenizer, rows):
+    data = [dict(r) for r in rows[:4]]
+    data[1]["completion"] = ["Sure.", "No."]  # a list of strings: neither text nor {'role', 'content'} messages
+    kto = KTOPlugin(KTOConfig(), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"row 1: 'completion' is a list of str, not a string or a list of "):
+        kto.prepare_dataset(data)
+    every = Dataset.from_list([{**r, "completion": [r["completion"]]} for r in rows[:4]])  # Arrow accepts these
+    with pytest.raises(ValueError, match=r"row 0: 'completion' is a list of str, not a string or a list of "):
+        kto.prepare_dataset(every)

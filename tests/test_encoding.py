@@ -77,3 +77,42 @@ def test_a_wrong_split_falls_back_to_full_encoding(tokenizer, monkeypatch):
     monkeypatch.setattr(enc, "encode", lambda *a, **k: calls.append(k.get("splice", a[-1:])) or real(*a, **k))
     assert real(tokenizer, prompts, fulls, True, splice=True)[:2] == slow[:2]
     assert calls == [False]  # the check on the first row sent the batch to full encoding
+
+
+def test_spliced_rows_after_an_easy_first_row_equal_full_encoding(tokenizer, monkeypatch):
+    """Only the first spliced text of a batch is checked against full encoding: every later row, adversarial
+    ones included, must be exact on its own (no fallback hides a wrong splice here)."""
+    import random
+
+    import kto_plugin.encoding as enc
+    from tokenizers import AddedToken, processors
+
+    rng = random.Random(1)
+    pieces = list("abXY  \n\t'sé日😀12.,!-")
+    pieces += ["\u0301", "</s>", "<s>", "'ll", " \u00a0", "ß", "\u200b", "\r\n", "wor"]
+    text = lambda n: "".join(rng.choice(pieces) for _ in range(n))  # noqa: E731
+    prompts, fulls = ["Hello world and friends"], [["Hello world and friends fine</s>"]]
+    for _ in range(400):
+        p = text(rng.randint(1, 30))
+        prompts.append(p)
+        fulls.append([p + text(rng.randint(0, 8)) + "</s>" for _ in range(rng.randint(1, 3))])
+    no_bos = copy.deepcopy(tokenizer)
+    no_bos.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    added = copy.deepcopy(tokenizer)
+    added.add_tokens(["world", AddedToken("dog", single_word=True)])
+    monkeypatch.setattr(enc, "encode", lambda *a, **k: pytest.fail("fell back to full encoding"))
+    for tok in (tokenizer, no_bos, added):
+        assert can_splice(tok)
+        fast = encode(tok, prompts, fulls, True, splice=True)
+        assert sum(n is not None for n in fast[2]) > 50  # many rows spliced
+        assert fast[0] == tok(prompts)["input_ids"]
+        assert fast[1] == tok([f for group in fulls for f in group])["input_ids"]
+
+
+def test_a_full_text_sharing_no_start_with_its_prompt_is_not_spliced(tokenizer):
+    # a chat template may render the full text differently from its first character on: nothing is shared
+    assert split_point("hello there friend", ["Xhello there friend and more"]) == 0
+    prompts = ["Hello world and friends", "hello there my friend"]  # an easy first row: the batch check passes
+    fulls = [["Hello world and friends fine</s>"], ["Zhello there my friend again</s>"]]
+    fast = encode(tokenizer, prompts, fulls, False, splice=True)
+    assert fast[1] == tokenizer([f for group in fulls for f in group], add_special_tokens=False)["input_ids"]

@@ -177,3 +177,76 @@ def test_lora_with_the_null_reference_matches_trl_on_a_vision_language_model(pro
     train_and_evaluate(trl, ours)
     assert parity_problems(trl.state.log_history, ours.state.log_history) == []
     assert max(abs(e.get("rewards/chosen", 0.0)) for e in ours.state.log_history) > 0.01
+
+
+def test_max_length_that_would_cut_image_tokens_is_refused_at_prepare(processor, image_rows):
+    from kto_plugin.vision import image_token_end
+
+    ends = image_token_end(processor, image_rows, "images")
+    # the reference: the processor's own expansion of each prompt, searched for its last image-pad token
+    pad_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    end_id = processor.tokenizer.convert_tokens_to_ids("<|vision_end|>")
+    for row, end in zip(image_rows, ends):
+        from kto_plugin.vision import render
+
+        prompt, _ = render(processor, row, row["images"])
+        ids = processor(images=[row["images"]], text=[prompt], add_special_tokens=False)["input_ids"][0]
+        last = max(i for i, t in enumerate(ids) if t == pad_id)
+        assert end == last + 1 and ids[last + 1] == end_id
+    short = max(ends) - 1
+    bad = ends.index(max(ends))
+    with pytest.raises(ValueError, match=rf"row {bad}: its prompt's image tokens end at token {max(ends)}.*"
+                                         rf"max_length={short}.*KTOConfig\(max_length="):
+        KTOPlugin(KTOConfig(max_length=short), tokenizer=processor).prepare_dataset(image_rows)
+    kto = KTOPlugin(KTOConfig(max_length=max(ends)), tokenizer=processor)
+    assert len(kto.prepare_dataset(image_rows)) == len(image_rows)  # every image token fits: accepted
+
+
+def test_collator_refuses_a_cut_through_image_tokens_for_streamed_rows(processor, image_rows):
+    from datasets import IterableDataset
+    from kto_plugin.vision import image_token_end
+
+    ends = image_token_end(processor, image_rows[:4], "images")
+    kto = KTOPlugin(KTOConfig(max_length=max(ends) - 1), tokenizer=processor)
+    prepared = kto.prepare_dataset(IterableDataset.from_generator(lambda: iter(image_rows[:4])))  # not checked here
+    with pytest.raises(ValueError, match=rf"image tokens end at token {max(ends)}.*max_length={max(ends) - 1}"):
+        kto.collator(list(prepared))
+    ok = KTOPlugin(KTOConfig(max_length=max(ends)), tokenizer=processor)
+    assert ok.collator(image_rows[:4])["input_ids"].shape[1] == max(ends)
+
+
+def test_streamed_image_rows_are_checked_and_counted(processor, image_rows):
+    from datasets import IterableDataset
+
+    kto = KTOPlugin(KTOConfig(), tokenizer=processor)
+    prepared = kto.prepare_dataset(IterableDataset.from_generator(lambda: iter(image_rows[:8])))
+    assert len(list(prepared)) == 8
+    report = kto.data_reports["train"]
+    n_desirable = sum(r["label"] for r in image_rows[:8])
+    assert (report.rows_in, report.rows_out, report.n_desirable, report.n_undesirable) == (8, 8, n_desirable,
+                                                                                          8 - n_desirable)
+    bad = [dict(r) for r in image_rows[:4]]
+    bad[2]["label"] = "yes"
+    kto = KTOPlugin(KTOConfig(), tokenizer=processor)
+    stream = kto.prepare_dataset(IterableDataset.from_generator(lambda: iter(bad)))
+    with pytest.raises(ValueError, match="row 2: 'label' is 'yes' \\(str\\); it must be a bool"):
+        list(stream)
+
+
+def test_report_counts_the_rows_the_vision_collator_cuts(processor, image_rows):
+    from kto_plugin.vision import image_token_end
+
+    max_length = max(image_token_end(processor, image_rows, "images")) + 6  # every image fits, completions do not
+    kto = KTOPlugin(KTOConfig(max_length=max_length), tokenizer=processor)
+    prepared = kto.prepare_dataset(image_rows)
+    uncut = KTOPlugin(KTOConfig(max_length=None), tokenizer=processor).collator(list(prepared))
+    batch = kto.collator(list(prepared))  # the reference: what the collator keeps of each row
+    truncated = completion_truncated = 0
+    for i in range(len(prepared)):
+        truncated += int(batch["attention_mask"][i].sum()) < int(uncut["attention_mask"][i].sum())
+        kept = int((batch["labels"]["completion_labels"][i] != -100).sum())
+        completion_truncated += kept < int((uncut["labels"]["completion_labels"][i] != -100).sum())
+    report = kto.data_reports["train"]
+    assert truncated > 0
+    assert (report.truncated, report.completion_truncated) == (truncated, completion_truncated)
+    assert f"{truncated} cut to max_length" in report.summary()
