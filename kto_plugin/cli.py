@@ -104,13 +104,17 @@ def _parser() -> Any:
 
     from .config import KTOConfig
 
-    return HfArgumentParser(
+    parser = HfArgumentParser(
         (ModelArguments, DataArguments, KTOConfig, TrainingArguments),
         prog="kto-plugin train",
         description="KTO training on the stock Hugging Face Trainer. With no --model_name_or_path and no "
         "--dataset_name it trains the embedded tiny default offline. Every KTOConfig and TrainingArguments "
         "field is a flag.",
     )
+    # Read by parse_train_args before argparse sees the command line; declared here so that --help lists it.
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
+                        help="A YAML mapping of flag names to values; flags on the command line override it.")
+    return parser
 
 
 def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, Any, set[str]]:
@@ -118,6 +122,10 @@ def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, Any, set[str]]:
     parser = _parser()
     argv = list(argv)
     given: set[str] = set()
+    for i, arg in enumerate(argv):  # "--config=FILE" is "--config FILE", as argparse reads every other flag
+        if arg.startswith("--config="):
+            argv[i : i + 1] = ["--config", arg.split("=", 1)[1]]
+            break
     if "--config" in argv:
         i = argv.index("--config")
         path = argv[i + 1] if i + 1 < len(argv) else None
@@ -129,7 +137,7 @@ def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, Any, set[str]]:
             from_file = yaml.safe_load(f) or {}
         if not isinstance(from_file, dict):
             raise SystemExit(f"kto-plugin train: {path} must be a mapping of flag names to values.")
-        known = {a.dest for a in parser._actions}
+        known = {a.dest for a in parser._actions} - {"config", "help"}
         unknown = sorted(set(from_file) - known)
         if unknown:
             raise SystemExit(f"kto-plugin train: unknown keys in {path}: {unknown}. Use the flag names of --help.")

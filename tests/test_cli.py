@@ -108,3 +108,16 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
 def test_plot_of_a_directory_without_logs(tmp_path):
     with pytest.raises(SystemExit, match="No log history"):
         main(["plot", str(tmp_path)])
+
+def test_config_flag_is_in_help_and_accepts_the_equals_form(tmp_path, capsys):
+    from kto_plugin.cli import parse_train_args
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--config FILE.yaml" in capsys.readouterr().out
+    config = tmp_path / "kto.yaml"
+    config.write_text("beta: 0.25\nlora_target_modules: [q_proj, v_proj]\n")
+    model_args, _, kto_config, _, given = parse_train_args([f"--config={config}", "--output_dir", str(tmp_path)])
+    assert kto_config.beta == 0.25 and model_args.lora_target_modules == ["q_proj", "v_proj"]
+    assert {"beta", "lora_target_modules"} <= given
+
