@@ -244,6 +244,10 @@ def train(argv: list[str]) -> int:
         if data_args.dataset_train_split not in raw:
             raise SystemExit(f"kto-plugin train: no split {data_args.dataset_train_split!r} in {data_args.dataset_name}"
                              f" (it has {list(raw)}). Set --dataset_train_split.")
+        if data_args.dataset_test_split and data_args.dataset_test_split not in raw:
+            raise SystemExit(f"kto-plugin train: no split {data_args.dataset_test_split!r} in {data_args.dataset_name}"
+                             f" (it has {list(raw)}). Set --dataset_test_split to one of them, or give a directory "
+                             "holding one file per split (train.jsonl, test.jsonl), or leave it unset.")
         train_rows = raw[data_args.dataset_train_split]
         eval_rows = raw[data_args.dataset_test_split] if data_args.dataset_test_split else None
         base_name, data_name = model_args.model_name_or_path, data_args.dataset_name

@@ -121,3 +121,28 @@ def test_config_flag_is_in_help_and_accepts_the_equals_form(tmp_path, capsys):
     assert kto_config.beta == 0.25 and model_args.lora_target_modules == ["q_proj", "v_proj"]
     assert {"beta", "lora_target_modules"} <= given
 
+
+@pytest.fixture
+def model_dir(tmp_path, base_model, tokenizer):
+    path = tmp_path / "model"
+    base_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_test_split_of_a_directory_is_evaluated_and_a_missing_one_refused(tmp_path, model_dir, rows):
+    import datasets
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    datasets.Dataset.from_list(rows[:24]).to_json(str(data_dir / "train.jsonl"))
+    datasets.Dataset.from_list(rows[24:32]).to_json(str(data_dir / "test.jsonl"))
+    out = tmp_path / "run"
+    assert main(["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir),
+                 "--dataset_test_split", "test", "--output_dir", str(out), *FAST, "--max_steps", "1"]) == 0
+    assert any("eval_rewards/margins" in h for h in json.loads((out / "log_history.json").read_text()))
+    eval_row = [line for line in (out / "README.md").read_text().splitlines() if line.startswith("| loss |")]
+    assert eval_row and not eval_row[0].rstrip().endswith("| - |")  # the card's eval column is filled
+    with pytest.raises(SystemExit, match=r"no split 'test' in .*data/train.jsonl \(it has \['train'\]\)"):
+        main(["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir / "train.jsonl"),
+              "--dataset_test_split", "test", "--output_dir", str(out), *FAST])
