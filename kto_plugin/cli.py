@@ -95,8 +95,18 @@ def load_data(data_args: DataArguments) -> Any:
     if os.path.isfile(name):
         if ext not in _LOCAL_FORMATS:
             raise SystemExit(f"kto-plugin train: {name!r} is not a .json, .jsonl, .csv or .parquet file.")
-        return datasets.load_dataset(_LOCAL_FORMATS[ext], data_files=name)
+        return datasets.load_dataset(_LOCAL_FORMATS[ext], data_files=name, **_csv_kwargs([name]))
+    if os.path.isdir(name):
+        files = [f for f in os.listdir(name) if os.path.splitext(f)[1].lower() in _LOCAL_FORMATS]
+        return datasets.load_dataset(name, data_args.dataset_config, **_csv_kwargs(files))
     return datasets.load_dataset(name, data_args.dataset_config)
+
+
+def _csv_kwargs(files: list[str]) -> dict[str, Any]:
+    """CSV text columns stay strings: pandas would read a completion " 4" as the float 4.0."""
+    if not files or any(os.path.splitext(f)[1].lower() != ".csv" for f in files):
+        return {}
+    return {"converters": dict.fromkeys(("prompt", "completion", "chosen", "rejected"), str)}
 
 
 def _parser() -> Any:

@@ -146,3 +146,37 @@ def test_test_split_of_a_directory_is_evaluated_and_a_missing_one_refused(tmp_pa
     with pytest.raises(SystemExit, match=r"no split 'test' in .*data/train.jsonl \(it has \['train'\]\)"):
         main(["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir / "train.jsonl"),
               "--dataset_test_split", "test", "--output_dir", str(out), *FAST])
+
+def _short_pairs(n=12):
+    return [{"prompt": f"What is {i} + 1?", "chosen": f" {i + 1}.", "rejected": f" {i + 2}."} for i in range(n)]
+
+
+@pytest.mark.parametrize("kind, ext", [("unpaired", "parquet"), ("paired", "csv"), ("implicit_prompt", "parquet"),
+                                        ("conversational", "jsonl")])
+def test_local_file_of_each_format(tmp_path, model_dir, kind, ext, caplog):
+    import datasets
+
+    pairs = _short_pairs()
+    if kind == "unpaired":
+        data = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+                for p in pairs for side in ("chosen", "rejected")]
+    elif kind == "paired":
+        data = pairs
+    elif kind == "implicit_prompt":
+        data = [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]} for p in pairs]
+    else:
+        data = [{"prompt": [{"role": "user", "content": p["prompt"]}],
+                 "completion": [{"role": "assistant", "content": p[side].strip()}], "label": side == "chosen"}
+                for p in pairs for side in ("chosen", "rejected")]
+    path = tmp_path / f"data.{ext}"
+    ds = datasets.Dataset.from_list(data)
+    {"parquet": ds.to_parquet, "csv": lambda p: ds.to_csv(p, index=False), "jsonl": ds.to_json}[ext](str(path))
+    out = tmp_path / "run"
+    with caplog.at_level("INFO", logger="kto_plugin"):
+        assert main(["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(path), "--output_dir",
+                     str(out), *FAST, "--max_steps", "1"]) == 0
+    fmt = "conversational unpaired" if kind == "conversational" else kind
+    assert f"prepared train ({fmt}" in caplog.text
+    assert f": 24 rows from {len(data)} input rows; 12 desirable / 12 undesirable" in caplog.text
+    assert json.loads((out / "log_history.json").read_text())[0]["loss"] > 0
+
