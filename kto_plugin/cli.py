@@ -157,8 +157,21 @@ def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, Any, set[str]]:
     given |= {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     if "output_dir" not in given:
         argv += ["--output_dir", "kto_output"]
+    if "use_cpu" not in given and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+        # Under torchrun on a CPU-only machine, TrainingArguments without use_cpu leaves accelerate's state
+        # non-distributed: every process would train its own copy and write the same output_dir.
+        argv += ["--use_cpu", "true"]
     model_args, data_args, kto_config, training_args = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, kto_config, training_args, given
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 def _apply_demo_defaults(given: set[str], kto_config: Any, training_args: Any) -> None:

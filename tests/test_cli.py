@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import sys
 
 import pytest
@@ -180,3 +182,28 @@ def test_local_file_of_each_format(tmp_path, model_dir, kind, ext, caplog):
     assert f": 24 rows from {len(data)} input rows; 12 desirable / 12 undesirable" in caplog.text
     assert json.loads((out / "log_history.json").read_text())[0]["loss"] > 0
 
+
+
+def test_torchrun_on_cpu_trains_one_distributed_run(tmp_path):
+    """Two processes under torchrun on a CPU-only machine, no --use_cpu: one DDP run (gloo), not two copies."""
+    import subprocess
+
+    import torch
+
+    if torch.accelerator.is_available():
+        pytest.skip("the CPU-only case: this machine has an accelerator")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                          os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kto_plugin.cli",
+         "train", "--demo_pairs", "24", "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length",
+         "128", "--logging_steps", "1", "--eval_strategy", "no", "--output_dir", str(out)],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("kto-plugin: done.") == 1  # only the main process writes the outputs
+    history = json.loads((out / "log_history.json").read_text())
+    rows = int(re.search(r"prepared train \(unpaired\): (\d+) rows", result.stdout + result.stderr).group(1))
+    # each step takes 4 rows on each of the 2 processes: epoch = steps / ceil(rows / 8), not ceil(rows / 4)
+    assert history[-1]["epoch"] == pytest.approx(2 / math.ceil(rows / 8))
