@@ -267,3 +267,12 @@ def test_every_anchor_and_relative_link_resolves():
     assert links and sorted(link for link in links if not (ROOT / link).exists()) == []
     named = set(re.findall(r"`((?:examples|tests|benchmarks|docs|kto_plugin)/[^` :]+)`", README))
     assert sorted(path for path in named if not (ROOT / path).exists()) == []
+
+
+def test_newcomer_path_names_every_example():
+    paragraph = re.search(r"`examples/` holds runnable scripts:(.*?)\n\n", README, re.S).group(1)
+    named = set(re.findall(r"`([\w./-]+)`", paragraph))
+    examples = {p.name + ("/" if p.is_dir() else "") for p in (ROOT / "examples").iterdir()
+                if not p.name.startswith((".", "__"))}
+    assert len(examples) >= 6
+    assert sorted(examples - named) == []
