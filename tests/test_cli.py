@@ -207,3 +207,13 @@ def test_torchrun_on_cpu_trains_one_distributed_run(tmp_path):
     rows = int(re.search(r"prepared train \(unpaired\): (\d+) rows", result.stdout + result.stderr).group(1))
     # each step takes 4 rows on each of the 2 processes: epoch = steps / ceil(rows / 8), not ceil(rows / 4)
     assert history[-1]["epoch"] == pytest.approx(2 / math.ceil(rows / 8))
+
+
+def test_plot_out_into_a_new_directory(tmp_path):
+    import matplotlib  # noqa: F401  (the `plot` extra; part of `dev`)
+    history = [{"step": s, "loss": 0.5 - 0.01 * s, "rewards/chosen": 0.01 * s, "rewards/rejected": -0.01 * s,
+                "rewards/margins": 0.02 * s, "kl": 0.0} for s in (1, 2, 3)]
+    (tmp_path / "log_history.json").write_text(json.dumps(history))
+    png = tmp_path / "figures" / "run.png"
+    assert main(["plot", str(tmp_path), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
