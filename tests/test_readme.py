@@ -202,8 +202,8 @@ def test_migration_snippet_runs_as_written(tokenizer, model, rows, tmp_path):
     namespace = {"tokenizer": tokenizer, "model": model, "raw": rows[:8], "out": str(tmp_path),
                  "TrainingArguments": TrainingArguments, "Trainer": Trainer, "KTOConfig": KTOConfig,
                  "KTOPlugin": KTOPlugin}
-    exec(compile(snippet.replace("learning_rate=1e-6)", "learning_rate=1e-6, max_steps=1, logging_steps=1, report_to='none')"),
-                 "README.md", "exec"), namespace)
+    short = "learning_rate=1e-6, max_steps=1, logging_steps=1, report_to='none')"
+    exec(compile(snippet.replace("learning_rate=1e-6)", short), "README.md", "exec"), namespace)
     trainer = namespace["trainer"]
     assert trainer.args.learning_rate == 1e-6 and namespace["kto"].config.beta == 0.1
     assert _first_step_loss(trainer) == pytest.approx(0.5, abs=1e-6)
