@@ -235,6 +235,9 @@ def train(argv: list[str]) -> int:
 
     model_args, data_args, kto_config, training_args, given = parse_train_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from transformers import set_seed
+
+    set_seed(training_args.seed)  # before the LoRA adapter is initialised: the same flags give the same run
     if (model_args.model_name_or_path is None) != (data_args.dataset_name is None):
         raise SystemExit(
             "kto-plugin train: name both --model_name_or_path and --dataset_name, or neither (the embedded default)."

@@ -217,3 +217,19 @@ def test_plot_out_into_a_new_directory(tmp_path):
     png = tmp_path / "figures" / "run.png"
     assert main(["plot", str(tmp_path), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+
+def test_same_flags_give_the_same_lora_run(tmp_path, model_dir):
+    import datasets
+
+    data = tmp_path / "data.jsonl"
+    datasets.Dataset.from_list(_short_pairs()).to_json(str(data))
+    losses = []
+    for run in ("first", "second"):  # the second starts from whatever global RNG state the first left
+        assert main(["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--use_peft",
+                     "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "--learning_rate", "1e-3",
+                     "--output_dir", str(tmp_path / run), *FAST]) == 0
+        losses.append([h["loss"] for h in json.loads((tmp_path / run / "log_history.json").read_text())
+                       if "loss" in h])
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
