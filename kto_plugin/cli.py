@@ -304,6 +304,8 @@ def train(argv: list[str]) -> int:
             json.dump(kto_config.to_dict(), f, indent=2)
         with open(os.path.join(out, "training_args.json"), "w") as f:
             f.write(training_args.to_json_string())
+        with open(os.path.join(out, "kto_run.yaml"), "w") as f:
+            f.write(_run_yaml(model_args, data_args, kto_config, training_args, given, embedded))
         with open(os.path.join(out, "log_history.json"), "w") as f:
             json.dump(history, f, indent=2)
         with open(os.path.join(out, "README.md"), "w") as f:
@@ -311,9 +313,26 @@ def train(argv: list[str]) -> int:
                                       kto.reference.describe() if kto.trainer else "initial policy"))
         print(f"\nkto-plugin: done. Outputs in {os.path.abspath(out)}: the model"
               f"{' adapter' if model_args.use_peft else ''} and tokenizer, README.md (model card with the final "
-              "metrics), kto_config.json, training_args.json, log_history.json. Plot the run: "
+              "metrics), kto_config.json, training_args.json, kto_run.yaml, log_history.json. Plot the run: "
               f"kto-plugin plot {out}")
     return 0
+
+
+def _run_yaml(model_args: Any, data_args: Any, kto_config: Any, training_args: Any, given: set[str],
+              embedded: bool) -> str:
+    """The run's resolved flags as a YAML that `kto-plugin train --config` reads back: every model, data and
+    KTOConfig field, and the TrainingArguments fields that were set (by flag, file or the demo's defaults)."""
+    import dataclasses
+
+    import yaml
+
+    set_here = set(given) | ({*DEMO_DEFAULTS, "eval_strategy", "save_strategy", "report_to"} if embedded else set())
+    resolved_training = training_args.to_dict()
+    resolved = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **kto_config.to_dict(),
+                **{k: resolved_training[k] for k in sorted(set_here) if k in resolved_training}}
+    resolved.pop("config", None)
+    header = "# kto-plugin train --config kto_run.yaml reruns this run (flags given after it override it)\n"
+    return header + yaml.safe_dump(resolved, sort_keys=False)
 
 
 def plot(argv: list[str]) -> int:

@@ -233,3 +233,36 @@ def test_same_flags_give_the_same_lora_run(tmp_path, model_dir):
         losses.append([h["loss"] for h in json.loads((tmp_path / run / "log_history.json").read_text())
                        if "loss" in h])
     assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+def test_run_yaml_reruns_the_same_run(tmp_path, model_dir):
+    import datasets
+
+    data = tmp_path / "data.jsonl"
+    datasets.Dataset.from_list(_short_pairs()).to_json(str(data))
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--use_peft",
+                 "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj", "--beta", "0.3",
+                 "--learning_rate", "1e-3", "--output_dir", str(first), *FAST]) == 0
+    run_yaml = first / "kto_run.yaml"
+    assert main(["train", "--config", str(run_yaml), "--output_dir", str(second)]) == 0
+    for name in ("kto_config.json", "adapter_config.json"):
+        assert json.loads((first / name).read_text()) == json.loads((second / name).read_text()), name
+    args_first, args_second = (json.loads((d / "training_args.json").read_text()) for d in (first, second))
+    assert {k: v for k, v in args_first.items() if k not in ("output_dir", "logging_dir", "run_name")} == {
+        k: v for k, v in args_second.items() if k not in ("output_dir", "logging_dir", "run_name")}
+    losses = [[h["loss"] for h in json.loads((d / "log_history.json").read_text()) if "loss" in h]
+              for d in (first, second)]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+def test_run_yaml_of_the_embedded_default_keeps_the_demo_settings(tmp_path):
+    from kto_plugin.cli import parse_train_args
+
+    out = tmp_path / "run"
+    assert main(["train", "--demo_pairs", "12", "--max_steps", "1", "--max_length", "96", "--use_cpu", "true",
+                 "--output_dir", str(out)]) == 0
+    _, data_args, kto_config, training_args, _ = parse_train_args(["--config", str(out / "kto_run.yaml")])
+    saved = json.loads((out / "training_args.json").read_text())
+    assert data_args.demo_pairs == 12 and kto_config.max_length == 96
+    assert training_args.learning_rate == saved["learning_rate"] == 2e-4  # the demo's rate, not the flag default
+    assert training_args.eval_strategy == saved["eval_strategy"] == "steps"
