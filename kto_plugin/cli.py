@@ -95,8 +95,18 @@ def load_data(data_args: DataArguments) -> Any:
     if os.path.isfile(name):
         if ext not in _LOCAL_FORMATS:
             raise SystemExit(f"kto-plugin train: {name!r} is not a .json, .jsonl, .csv or .parquet file.")
-        return datasets.load_dataset(_LOCAL_FORMATS[ext], data_files=name)
+        return datasets.load_dataset(_LOCAL_FORMATS[ext], data_files=name, **_csv_kwargs([name]))
+    if os.path.isdir(name):
+        files = [f for f in os.listdir(name) if os.path.splitext(f)[1].lower() in _LOCAL_FORMATS]
+        return datasets.load_dataset(name, data_args.dataset_config, **_csv_kwargs(files))
     return datasets.load_dataset(name, data_args.dataset_config)
+
+
+def _csv_kwargs(files: list[str]) -> dict[str, Any]:
+    """CSV text columns stay strings: pandas would read a completion " 4" as the float 4.0."""
+    if not files or any(os.path.splitext(f)[1].lower() != ".csv" for f in files):
+        return {}
+    return {"converters": dict.fromkeys(("prompt", "completion", "chosen", "rejected"), str)}
 
 
 def _parser() -> Any:
@@ -104,13 +114,17 @@ def _parser() -> Any:
 
     from .config import KTOConfig
 
-    return HfArgumentParser(
+    parser = HfArgumentParser(
         (ModelArguments, DataArguments, KTOConfig, TrainingArguments),
         prog="kto-plugin train",
         description="KTO training on the stock Hugging Face Trainer. With no --model_name_or_path and no "
         "--dataset_name it trains the embedded tiny default offline. Every KTOConfig and TrainingArguments "
         "field is a flag.",
     )
+    # Read by parse_train_args before argparse sees the command line; declared here so that --help lists it.
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
+                        help="A YAML mapping of flag names to values; flags on the command line override it.")
+    return parser
 
 
 def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, Any, set[str]]:
@@ -118,6 +132,10 @@ def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, Any, set[str]]:
     parser = _parser()
     argv = list(argv)
     given: set[str] = set()
+    for i, arg in enumerate(argv):  # "--config=FILE" is "--config FILE", as argparse reads every other flag
+        if arg.startswith("--config="):
+            argv[i : i + 1] = ["--config", arg.split("=", 1)[1]]
+            break
     if "--config" in argv:
         i = argv.index("--config")
         path = argv[i + 1] if i + 1 < len(argv) else None
@@ -129,7 +147,7 @@ def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, Any, set[str]]:
             from_file = yaml.safe_load(f) or {}
         if not isinstance(from_file, dict):
             raise SystemExit(f"kto-plugin train: {path} must be a mapping of flag names to values.")
-        known = {a.dest for a in parser._actions}
+        known = {a.dest for a in parser._actions} - {"config", "help"}
         unknown = sorted(set(from_file) - known)
         if unknown:
             raise SystemExit(f"kto-plugin train: unknown keys in {path}: {unknown}. Use the flag names of --help.")
@@ -139,8 +157,21 @@ def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, Any, set[str]]:
     given |= {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     if "output_dir" not in given:
         argv += ["--output_dir", "kto_output"]
+    if "use_cpu" not in given and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+        # Under torchrun on a CPU-only machine, TrainingArguments without use_cpu leaves accelerate's state
+        # non-distributed: every process would train its own copy and write the same output_dir.
+        argv += ["--use_cpu", "true"]
     model_args, data_args, kto_config, training_args = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, kto_config, training_args, given
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 def _apply_demo_defaults(given: set[str], kto_config: Any, training_args: Any) -> None:
@@ -204,6 +235,9 @@ def train(argv: list[str]) -> int:
 
     model_args, data_args, kto_config, training_args, given = parse_train_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from transformers import set_seed
+
+    set_seed(training_args.seed)  # before the LoRA adapter is initialised: the same flags give the same run
     if (model_args.model_name_or_path is None) != (data_args.dataset_name is None):
         raise SystemExit(
             "kto-plugin train: name both --model_name_or_path and --dataset_name, or neither (the embedded default)."
@@ -236,6 +270,10 @@ def train(argv: list[str]) -> int:
         if data_args.dataset_train_split not in raw:
             raise SystemExit(f"kto-plugin train: no split {data_args.dataset_train_split!r} in {data_args.dataset_name}"
                              f" (it has {list(raw)}). Set --dataset_train_split.")
+        if data_args.dataset_test_split and data_args.dataset_test_split not in raw:
+            raise SystemExit(f"kto-plugin train: no split {data_args.dataset_test_split!r} in {data_args.dataset_name}"
+                             f" (it has {list(raw)}). Set --dataset_test_split to one of them, or give a directory "
+                             "holding one file per split (train.jsonl, test.jsonl), or leave it unset.")
         train_rows = raw[data_args.dataset_train_split]
         eval_rows = raw[data_args.dataset_test_split] if data_args.dataset_test_split else None
         base_name, data_name = model_args.model_name_or_path, data_args.dataset_name
@@ -266,6 +304,8 @@ def train(argv: list[str]) -> int:
             json.dump(kto_config.to_dict(), f, indent=2)
         with open(os.path.join(out, "training_args.json"), "w") as f:
             f.write(training_args.to_json_string())
+        with open(os.path.join(out, "kto_run.yaml"), "w") as f:
+            f.write(_run_yaml(model_args, data_args, kto_config, training_args, given, embedded))
         with open(os.path.join(out, "log_history.json"), "w") as f:
             json.dump(history, f, indent=2)
         with open(os.path.join(out, "README.md"), "w") as f:
@@ -273,9 +313,26 @@ def train(argv: list[str]) -> int:
                                       kto.reference.describe() if kto.trainer else "initial policy"))
         print(f"\nkto-plugin: done. Outputs in {os.path.abspath(out)}: the model"
               f"{' adapter' if model_args.use_peft else ''} and tokenizer, README.md (model card with the final "
-              "metrics), kto_config.json, training_args.json, log_history.json. Plot the run: "
+              "metrics), kto_config.json, training_args.json, kto_run.yaml, log_history.json. Plot the run: "
               f"kto-plugin plot {out}")
     return 0
+
+
+def _run_yaml(model_args: Any, data_args: Any, kto_config: Any, training_args: Any, given: set[str],
+              embedded: bool) -> str:
+    """The run's resolved flags as a YAML that `kto-plugin train --config` reads back: every model, data and
+    KTOConfig field, and the TrainingArguments fields that were set (by flag, file or the demo's defaults)."""
+    import dataclasses
+
+    import yaml
+
+    set_here = set(given) | ({*DEMO_DEFAULTS, "eval_strategy", "save_strategy", "report_to"} if embedded else set())
+    resolved_training = training_args.to_dict()
+    resolved = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **kto_config.to_dict(),
+                **{k: resolved_training[k] for k in sorted(set_here) if k in resolved_training}}
+    resolved.pop("config", None)
+    header = "# kto-plugin train --config kto_run.yaml reruns this run (flags given after it override it)\n"
+    return header + yaml.safe_dump(resolved, sort_keys=False)
 
 
 def plot(argv: list[str]) -> int:

@@ -78,6 +78,7 @@ def plot_run(output_dir: str, out_path: str | None = None) -> str:
         raise SystemExit(f"The log history in {output_dir!r} has no KTO metrics (rewards/*, kl, loss) to plot.")
     fig.suptitle(f"KTO run: {os.path.abspath(output_dir)}", fontsize=10)
     out_path = out_path or os.path.join(output_dir, "kto_metrics.png")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
