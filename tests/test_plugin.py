@@ -193,3 +193,48 @@ def test_gradient_accumulation_equals_a_doubled_batch(loss_type, steps, base_mod
     ga_loss = [h["loss"] for h in ga.state.log_history if "loss" in h]
     big_loss = [h["loss"] for h in big.state.log_history if "loss" in h]
     assert ga_loss == pytest.approx(big_loss, rel=1e-5)
+
+
+# --- everything attach() can install at once (review of the merged features) ---
+
+ALL_ON = dict(kl_estimate="window", on_nonfinite="skip", sync_ref_model=True, ref_model_sync_steps=1,
+              activation_offloading=True, generate_during_eval=True, generate_num_prompts=1,
+              generate_max_new_tokens=2)
+
+
+def _assert_restored(before, after):
+    assert before[0].keys() == after[0].keys(), set(before[0]) ^ set(after[0])
+    for key in before[0]:
+        assert after[0][key] is before[0][key] or after[0][key] == before[0][key], key
+    assert before[1:] == after[1:]
+
+
+def _short(rows, tokenizer, n):
+    pairs = [rows[i: i + 2] for i in range(0, len(rows), 2)]
+    return [r for p in pairs if len(tokenizer(p[0]["prompt"])["input_ids"]) < 60 for r in p][:n]
+
+
+def _all_on_trainer(model, tokenizer, rows, tmp_path, **kto_kwargs):
+    short = _short(rows, tokenizer, 12)
+    return kto_trainer(model, tokenizer, short[:8], tmp_path, kto_kwargs={**ALL_ON, **kto_kwargs},
+                       eval_rows=short[8:12], gradient_accumulation_steps=2, max_steps=1)
+
+
+def test_detach_restores_the_trainer_exactly_with_every_feature_on(model, tokenizer, rows, tmp_path):
+    kto, trainer = _all_on_trainer(model, tokenizer, rows, tmp_path)
+    before = _snapshot(trainer)
+    kto.attach(trainer)
+    kto.attach(trainer)  # idempotent
+    assert sum(c is kto._sync for c in trainer.callback_handler.callbacks) == 1
+    assert type(vars(trainer)["get_batch_samples"]).__name__ == "WindowBatchSamples"
+    assert {"training_step", "train"} <= set(vars(trainer))
+    kto.detach()
+    _assert_restored(before, _snapshot(trainer))
+    # attach again after detach: it trains (window z0, offloading, sync) and detaches exactly again
+    kto.attach(trainer)
+    trainer.train()
+    assert kto._sync.updates == 1
+    kto.detach()
+    after = _snapshot(trainer)
+    assert [c for c in after[2]] == before[2]
+    assert {"get_batch_samples", "training_step", "train", "loss_is_scaled_for_ga"}.isdisjoint(vars(trainer))
