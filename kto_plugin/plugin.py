@@ -241,6 +241,11 @@ class KTOPlugin:
         self._validate(trainer)
         self._load_named_reference(trainer.accelerator.unwrap_model(trainer.model))  # may fail: before any change
         self._wrap_attached_model(trainer)
+        self._install(trainer)
+        return trainer
+
+    def _install(self, trainer: Any) -> None:
+        """Everything `attach` changes on the trainer; on any failure it is all undone (`detach`)."""
         policy = trainer.accelerator.unwrap_model(trainer.model)
 
         saved = self._saved
@@ -256,7 +261,14 @@ class KTOPlugin:
         saved["get_batch_samples"] = trainer.__dict__.get("get_batch_samples", _MISSING)
         saved["training_step"] = trainer.__dict__.get("training_step", _MISSING)
         saved["train"] = trainer.__dict__.get("train", _MISSING)
+        self.trainer = trainer  # from here on, `detach` undoes whatever was installed
+        try:
+            self._install_saved(trainer, policy)
+        except BaseException:
+            self.detach()
+            raise
 
+    def _install_saved(self, trainer: Any, policy: Any) -> None:
         policy_path = self._bind_policy(trainer, policy)
 
         trainer.compute_loss_func = self.loss_hook
@@ -292,19 +304,13 @@ class KTOPlugin:
             )
             trainer.callback_handler.callbacks.append(self._sync)  # after the optimizer step, as TRL's
         self._compat.install(trainer)
-        self.trainer = trainer
         if self.config.precompute_ref_log_probs:
-            try:
-                self._precompute_attached_datasets(trainer)
-            except BaseException:
-                self.detach()
-                raise
+            self._precompute_attached_datasets(trainer)
         counts = label_counts(trainer, self.data_reports)
         self._log_summary(policy_path, counts)
         if self.config.warn_guidance:
             is_adapter = AdapterHost.of(policy) is not None
             self.adviser.give(attach_advice(self.config, trainer, self.needs_kl, is_adapter, counts))
-        return trainer
 
     def _load_named_reference(self, policy: Any) -> None:
         if self.ref_model_name is None or self.reference.given_ref_model is not None:

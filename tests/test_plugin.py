@@ -238,3 +238,27 @@ def test_detach_restores_the_trainer_exactly_with_every_feature_on(model, tokeni
     after = _snapshot(trainer)
     assert [c for c in after[2]] == before[2]
     assert {"get_batch_samples", "training_step", "train", "loss_is_scaled_for_ga"}.isdisjoint(vars(trainer))
+
+
+def test_a_late_failure_in_attach_leaves_the_trainer_unchanged(model, tokenizer, rows, tmp_path, monkeypatch):
+    """A refusal raised after attach() installed its wrappers (here: the last step before the summary) must
+    undo them all, so that a fixed retry starts from the user's trainer."""
+    import kto_plugin.plugin as plugin_module
+
+    model.config.attention_dropout = 0.3
+    kto, trainer = _all_on_trainer(model, tokenizer, rows, tmp_path)
+    before = _snapshot(trainer)
+
+    def refuse(*a, **kw):
+        raise ValueError("late refusal")
+
+    monkeypatch.setattr(plugin_module.TrainerCompat, "install", refuse)
+    with pytest.raises(ValueError, match="late refusal"):
+        kto.attach(trainer)
+    _assert_restored(before, _snapshot(trainer))
+    assert kto.trainer is None and kto.reference.mode == "unset"
+    monkeypatch.undo()
+    kto.attach(trainer)  # the retry works
+    assert trainer.compute_loss_func is kto.loss_hook
+    kto.detach()
+    _assert_restored(before, _snapshot(trainer))
