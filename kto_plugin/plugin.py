@@ -209,16 +209,31 @@ class KTOPlugin:
         self._wrapped.add(wrapped)
         return wrapped
 
-    def _wrap_attached_model(self, trainer: Any) -> None:
+    def _wrap_attached_model(self, trainer: Any) -> Any:
         """With `peft_config`, wrap the Trainer's model now unless `wrap_model` already did; refuse where the
-        Trainer has already captured the unwrapped model's parameters."""
+        Trainer has already captured the unwrapped model's parameters.
+
+        Returns None, or when it wrapped, a function that unwraps (for an `attach` that fails later): the
+        adapter's layers removed, the Trainer's `model` / `model_wrapped` and every `requires_grad` as before."""
         if self.peft_config is None:
-            return
+            return None
         model = trainer.accelerator.unwrap_model(trainer.model)
         if model in self._wrapped:
-            return
-        self._wrapped.add(wrap_trainer_model(trainer, model, self.peft_config))
+            return None
+        saved_model, saved_wrapped = trainer.model, trainer.model_wrapped
+        requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        wrapped = wrap_trainer_model(trainer, model, self.peft_config)
+        self._wrapped.add(wrapped)
         logger.info("kto_plugin: wrapped the Trainer's model with peft_config (%s)", type(self.peft_config).__name__)
+
+        def unwrap() -> None:
+            wrapped.unload()  # removes the adapter layers it injected into `model`, without merging them
+            self._wrapped.discard(wrapped)
+            for p, flag in requires_grad:
+                p.requires_grad_(flag)
+            trainer.model, trainer.model_wrapped = saved_model, saved_wrapped
+
+        return unwrap
 
     # --- attach / detach ---
 
@@ -240,8 +255,14 @@ class KTOPlugin:
         self.needs_kl = self.loss_hook.needs_kl = self.collator.build_kl = self.plugins.needs_kl(self.config)
         self._validate(trainer)
         self._load_named_reference(trainer.accelerator.unwrap_model(trainer.model))  # may fail: before any change
-        self._wrap_attached_model(trainer)
-        self._install(trainer)
+        unwrap = self._wrap_attached_model(trainer)
+        try:
+            self._install(trainer)
+        except BaseException:
+            # a refusal or error after the model was wrapped: the trainer gets the user's model back unchanged
+            if unwrap is not None:
+                unwrap()
+            raise
         return trainer
 
     def _install(self, trainer: Any) -> None:

@@ -262,3 +262,24 @@ def test_a_late_failure_in_attach_leaves_the_trainer_unchanged(model, tokenizer,
     assert trainer.compute_loss_func is kto.loss_hook
     kto.detach()
     _assert_restored(before, _snapshot(trainer))
+
+
+def test_a_refused_attach_does_not_leave_the_peft_adapter_it_added(model, tokenizer, rows, tmp_path):
+    """peft_config wraps the Trainer's model at attach(); a refusal after that (sync_ref_model with the null
+    reference of a fresh adapter) must unwrap it, or a corrected plugin finds a model that 'already has
+    adapters'."""
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    kto, trainer = kto_trainer(model, tokenizer, _short(rows, tokenizer, 8), tmp_path,
+                               kto_kwargs={"sync_ref_model": True},
+                               plugin_kwargs={"peft_config": lora})
+    before = _snapshot(trainer)
+    with pytest.raises(ValueError, match="base model with the adapter off"):
+        kto.attach(trainer)
+    assert trainer.model is model and trainer.model_wrapped is model
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    _assert_restored(before, _snapshot(trainer))
+    fixed = KTOPlugin(KTOConfig(max_length=96), tokenizer=tokenizer, peft_config=lora)
+    fixed.attach(trainer)
+    assert any("lora" in name for name, _ in trainer.model.named_parameters())
