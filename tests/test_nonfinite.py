@@ -161,3 +161,22 @@ def test_on_nonfinite_validated():
 
     with pytest.raises(ValueError, match="on_nonfinite must be one of"):
         KTOConfig(on_nonfinite="ignore")
+
+
+def test_window_estimate_with_skip_drops_exactly_that_window(model, tokenizer, rows, tmp_path):
+    """kl_estimate="window" + on_nonfinite="skip": a non-finite KL pair in the second window makes that
+    window's z0 non-finite for both its micro-batches; only step 2's update is dropped, once."""
+    kto, trainer, ds = setup(model, tokenizer, rows, tmp_path, "skip", kl_estimate="window",
+                             gradient_accumulation_steps=2)
+    weights = WeightsPerStep(model)
+    trainer.add_callback(weights)
+    position = 2 * BATCH + 1  # step 2's window holds positions 8..15
+    row = ds[position]["row_index"]
+    poison(model, [kl_sequence(ds, position)], tokenizer.pad_token_id)
+    with pytest.warns(KTOPluginWarning, match=rf"KL pairs of rows \[{row}\]\) at training step 2\b.*skipped"):
+        trainer.train()
+    assert kto.nonfinite.skipped_steps == [2]
+    for name, value in weights.steps[2].items():
+        assert torch.equal(value, weights.steps[1][name]), name
+    assert any(not torch.equal(weights.steps[3][n], weights.steps[2][n]) for n in weights.steps[2])
+    assert all(torch.isfinite(v).all() for v in weights.steps[3].values())
