@@ -255,6 +255,13 @@ class KTOPlugin:
         self.needs_kl = self.loss_hook.needs_kl = self.collator.build_kl = self.plugins.needs_kl(self.config)
         self._validate(trainer)
         self._load_named_reference(trainer.accelerator.unwrap_model(trainer.model))  # may fail: before any change
+        if self.reference.released_given and self.reference.given_ref_model is None:
+            raise ValueError(
+                "The ref_model given to KTOPlugin was released after the precompute pass of an earlier attach() "
+                "(precompute_ref_log_probs=True keeps no reference model), so this attach() has no reference "
+                "to precompute from; without it the reference would silently become a copy of the policy. "
+                "Create a new KTOPlugin with ref_model=... (or pass ref_model as a path, which is loaded again)."
+            )
         unwrap = self._wrap_attached_model(trainer)
         try:
             self._install(trainer)
@@ -338,6 +345,7 @@ class KTOPlugin:
             return
         config = self.config
         init = config.ref_model_init_kwargs if config.ref_model_init_kwargs is not None else config.model_init_kwargs
+        self.reference.released_given = False
         self.reference.given_ref_model = load_pretrained(
             self.ref_model_name, init, trust_remote_code=config.trust_remote_code,
             default_dtype=getattr(policy, "dtype", None), argument="ref_model",
