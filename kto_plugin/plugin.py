@@ -304,7 +304,11 @@ class KTOPlugin:
         trainer.loss_is_scaled_for_ga = False
         trainer.args.remove_unused_columns = False
         trainer.label_names = ["labels"]
-        if not isinstance(trainer.data_collator, KTOCollator):
+        if trainer.data_collator is not self.collator:
+            # also another KTOCollator (e.g. an earlier KTOPlugin's): the batch must be built as this plugin
+            # set its collator up (KL batch or not, model kwargs, encoder-decoder layout)
+            if isinstance(trainer.data_collator, KTOCollator):
+                logger.info("kto_plugin: the Trainer's KTOCollator is not this plugin's; using kto.collator")
             trainer.data_collator = self.collator
         self._callback = KTOMetricsCallback(self.metrics, lambda: trainer.model.training)
         trainer.callback_handler.callbacks.insert(0, self._callback)

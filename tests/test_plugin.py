@@ -283,3 +283,17 @@ def test_a_refused_attach_does_not_leave_the_peft_adapter_it_added(model, tokeni
     fixed = KTOPlugin(KTOConfig(max_length=96), tokenizer=tokenizer, peft_config=lora)
     fixed.attach(trainer)
     assert any("lora" in name for name, _ in trainer.model.named_parameters())
+
+
+def test_another_plugins_collator_on_the_trainer_is_replaced(model, tokenizer, rows, tmp_path):
+    """The Trainer was built with the collator of an earlier KTOPlugin (here without the KL batch); the plugin
+    attached now must train with its own collator (KL batch, its model kwargs), restored by detach()."""
+    first, trainer = kto_trainer(model, tokenizer, _short(rows, tokenizer, 8), tmp_path,
+                                 kto_kwargs={"loss_type": "apo_zero_unpaired"}, max_steps=1)
+    kto = KTOPlugin(KTOConfig(max_length=96), tokenizer=tokenizer)
+    kto.attach(trainer)
+    trainer.train()  # before the fix: KeyError 'kl_input_ids' (the earlier collator builds no KL batch)
+    assert trainer.data_collator is kto.collator
+    assert any("kl" in entry for entry in trainer.state.log_history)
+    kto.detach()
+    assert trainer.data_collator is first.collator
