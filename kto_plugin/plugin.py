@@ -243,9 +243,12 @@ class KTOPlugin:
             return trainer
         if self.trainer is not None:
             raise RuntimeError("This KTOPlugin is attached to another Trainer; call detach() first.")
-        if getattr(trainer, "compute_loss_func", None) is not None and not isinstance(
-            trainer.compute_loss_func, KTOComputeLoss
-        ):
+        if isinstance(getattr(trainer, "compute_loss_func", None), KTOComputeLoss):
+            raise RuntimeError(
+                "This Trainer is attached to another KTOPlugin: two plugins would stack their wrappers and "
+                "callbacks. Call detach() on that plugin first (or keep using it)."
+            )
+        if getattr(trainer, "compute_loss_func", None) is not None:
             raise ValueError(
                 "The trainer already has a compute_loss_func; KTO replaces the loss. Create the Trainer without "
                 "compute_loss_func."

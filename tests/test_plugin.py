@@ -297,3 +297,19 @@ def test_another_plugins_collator_on_the_trainer_is_replaced(model, tokenizer, r
     assert any("kl" in entry for entry in trainer.state.log_history)
     kto.detach()
     assert trainer.data_collator is first.collator
+
+
+def test_a_second_plugin_on_an_attached_trainer_is_refused(model, tokenizer, rows, tmp_path):
+    """Two plugins on one trainer would stack their wrappers and callbacks (two window KL passes, two resume
+    states under one key); the second attach is refused and changes nothing."""
+    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, kto_kwargs={"kl_estimate": "window"})
+    kto.attach(trainer)
+    attached = _snapshot(trainer)
+    other = KTOPlugin(KTOConfig(max_length=96), tokenizer=tokenizer)
+    with pytest.raises(RuntimeError, match="another KTOPlugin.*detach"):
+        other.attach(trainer)
+    _assert_restored(attached, _snapshot(trainer))
+    assert other.trainer is None
+    kto.detach()
+    other.attach(trainer)  # once detached, the other plugin may attach
+    assert trainer.compute_loss_func is other.loss_hook
