@@ -237,6 +237,8 @@ def test_detach_restores_the_trainer_exactly_with_every_feature_on(model, tokeni
     kto.detach()
     after = _snapshot(trainer)
     assert [c for c in after[2]] == before[2]
+    # the frozen-copy reference was taken out of accelerate's list; the policy train() prepared stays
+    assert all(m is trainer.model for m in trainer.accelerator._models)
     assert {"get_batch_samples", "training_step", "train", "loss_is_scaled_for_ga"}.isdisjoint(vars(trainer))
 
 
