@@ -272,8 +272,11 @@ class TrainerCompat:
         saved = self._saved
         if "liger_kernel_config" in saved:
             trainer.args.liger_kernel_config = saved["liger_kernel_config"]
-        trainer.preprocess_logits_for_metrics = saved["preprocess_logits_for_metrics"]
-        trainer.model_init = saved["model_init"]
+        # `attach` may have failed before or during `install`: restore only what was changed
+        if "preprocess_logits_for_metrics" in saved:
+            trainer.preprocess_logits_for_metrics = saved["preprocess_logits_for_metrics"]
+        if "model_init" in saved:
+            trainer.model_init = saved["model_init"]
         if "compute_objective" in saved:
             trainer.compute_objective = saved["compute_objective"]
         if self.callback in trainer.callback_handler.callbacks:

@@ -66,6 +66,11 @@ class NonFiniteSkipCallback(TrainerCallback):
     def __init__(self, guard: NonFiniteGuard) -> None:
         self.guard = guard
 
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # the mark belongs to one optimizer step's window: a run stopped before that step's update (an
+        # exception between micro-batches) must not drop the next run's first update
+        self.guard.skip_pending = False
+
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not self.guard.skip_pending:
             return

@@ -209,16 +209,31 @@ class KTOPlugin:
         self._wrapped.add(wrapped)
         return wrapped
 
-    def _wrap_attached_model(self, trainer: Any) -> None:
+    def _wrap_attached_model(self, trainer: Any) -> Any:
         """With `peft_config`, wrap the Trainer's model now unless `wrap_model` already did; refuse where the
-        Trainer has already captured the unwrapped model's parameters."""
+        Trainer has already captured the unwrapped model's parameters.
+
+        Returns None, or when it wrapped, a function that unwraps (for an `attach` that fails later): the
+        adapter's layers removed, the Trainer's `model` / `model_wrapped` and every `requires_grad` as before."""
         if self.peft_config is None:
-            return
+            return None
         model = trainer.accelerator.unwrap_model(trainer.model)
         if model in self._wrapped:
-            return
-        self._wrapped.add(wrap_trainer_model(trainer, model, self.peft_config))
+            return None
+        saved_model, saved_wrapped = trainer.model, trainer.model_wrapped
+        requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        wrapped = wrap_trainer_model(trainer, model, self.peft_config)
+        self._wrapped.add(wrapped)
         logger.info("kto_plugin: wrapped the Trainer's model with peft_config (%s)", type(self.peft_config).__name__)
+
+        def unwrap() -> None:
+            wrapped.unload()  # removes the adapter layers it injected into `model`, without merging them
+            self._wrapped.discard(wrapped)
+            for p, flag in requires_grad:
+                p.requires_grad_(flag)
+            trainer.model, trainer.model_wrapped = saved_model, saved_wrapped
+
+        return unwrap
 
     # --- attach / detach ---
 
@@ -228,9 +243,12 @@ class KTOPlugin:
             return trainer
         if self.trainer is not None:
             raise RuntimeError("This KTOPlugin is attached to another Trainer; call detach() first.")
-        if getattr(trainer, "compute_loss_func", None) is not None and not isinstance(
-            trainer.compute_loss_func, KTOComputeLoss
-        ):
+        if isinstance(getattr(trainer, "compute_loss_func", None), KTOComputeLoss):
+            raise RuntimeError(
+                "This Trainer is attached to another KTOPlugin: two plugins would stack their wrappers and "
+                "callbacks. Call detach() on that plugin first (or keep using it)."
+            )
+        if getattr(trainer, "compute_loss_func", None) is not None:
             raise ValueError(
                 "The trainer already has a compute_loss_func; KTO replaces the loss. Create the Trainer without "
                 "compute_loss_func."
@@ -240,7 +258,25 @@ class KTOPlugin:
         self.needs_kl = self.loss_hook.needs_kl = self.collator.build_kl = self.plugins.needs_kl(self.config)
         self._validate(trainer)
         self._load_named_reference(trainer.accelerator.unwrap_model(trainer.model))  # may fail: before any change
-        self._wrap_attached_model(trainer)
+        if self.reference.released_given and self.reference.given_ref_model is None:
+            raise ValueError(
+                "The ref_model given to KTOPlugin was released after the precompute pass of an earlier attach() "
+                "(precompute_ref_log_probs=True keeps no reference model), so this attach() has no reference "
+                "to precompute from; without it the reference would silently become a copy of the policy. "
+                "Create a new KTOPlugin with ref_model=... (or pass ref_model as a path, which is loaded again)."
+            )
+        unwrap = self._wrap_attached_model(trainer)
+        try:
+            self._install(trainer)
+        except BaseException:
+            # a refusal or error after the model was wrapped: the trainer gets the user's model back unchanged
+            if unwrap is not None:
+                unwrap()
+            raise
+        return trainer
+
+    def _install(self, trainer: Any) -> None:
+        """Everything `attach` changes on the trainer; on any failure it is all undone (`detach`)."""
         policy = trainer.accelerator.unwrap_model(trainer.model)
 
         saved = self._saved
@@ -256,7 +292,14 @@ class KTOPlugin:
         saved["get_batch_samples"] = trainer.__dict__.get("get_batch_samples", _MISSING)
         saved["training_step"] = trainer.__dict__.get("training_step", _MISSING)
         saved["train"] = trainer.__dict__.get("train", _MISSING)
+        self.trainer = trainer  # from here on, `detach` undoes whatever was installed
+        try:
+            self._install_saved(trainer, policy)
+        except BaseException:
+            self.detach()
+            raise
 
+    def _install_saved(self, trainer: Any, policy: Any) -> None:
         policy_path = self._bind_policy(trainer, policy)
 
         trainer.compute_loss_func = self.loss_hook
@@ -264,7 +307,11 @@ class KTOPlugin:
         trainer.loss_is_scaled_for_ga = False
         trainer.args.remove_unused_columns = False
         trainer.label_names = ["labels"]
-        if not isinstance(trainer.data_collator, KTOCollator):
+        if trainer.data_collator is not self.collator:
+            # also another KTOCollator (e.g. an earlier KTOPlugin's): the batch must be built as this plugin
+            # set its collator up (KL batch or not, model kwargs, encoder-decoder layout)
+            if isinstance(trainer.data_collator, KTOCollator):
+                logger.info("kto_plugin: the Trainer's KTOCollator is not this plugin's; using kto.collator")
             trainer.data_collator = self.collator
         self._callback = KTOMetricsCallback(self.metrics, lambda: trainer.model.training)
         trainer.callback_handler.callbacks.insert(0, self._callback)
@@ -292,25 +339,20 @@ class KTOPlugin:
             )
             trainer.callback_handler.callbacks.append(self._sync)  # after the optimizer step, as TRL's
         self._compat.install(trainer)
-        self.trainer = trainer
         if self.config.precompute_ref_log_probs:
-            try:
-                self._precompute_attached_datasets(trainer)
-            except BaseException:
-                self.detach()
-                raise
+            self._precompute_attached_datasets(trainer)
         counts = label_counts(trainer, self.data_reports)
         self._log_summary(policy_path, counts)
         if self.config.warn_guidance:
             is_adapter = AdapterHost.of(policy) is not None
             self.adviser.give(attach_advice(self.config, trainer, self.needs_kl, is_adapter, counts))
-        return trainer
 
     def _load_named_reference(self, policy: Any) -> None:
         if self.ref_model_name is None or self.reference.given_ref_model is not None:
             return
         config = self.config
         init = config.ref_model_init_kwargs if config.ref_model_init_kwargs is not None else config.model_init_kwargs
+        self.reference.released_given = False
         self.reference.given_ref_model = load_pretrained(
             self.ref_model_name, init, trust_remote_code=config.trust_remote_code,
             default_dtype=getattr(policy, "dtype", None), argument="ref_model",

@@ -108,6 +108,8 @@ class ReferenceManager:
         self._given_device: Any = None
         self._accelerator: Any = None
         self._restore_dropout: list[tuple[nn.Dropout, float]] = []
+        # a given ref_model dropped by `release` (after the precompute pass): a later setup must not go on without it
+        self.released_given = False
 
     # --- setup ---
 
@@ -340,6 +342,7 @@ class ReferenceManager:
             self.given_ref_model.to(self._given_device)  # the caller's model goes back where it was
         self._forget_prepared()
         self.ref_model = None
+        self.released_given = self.released_given or self.given_ref_model is not None
         self.given_ref_model = None
         self.mode = "released"
         self.why = "released after precomputation"

@@ -358,3 +358,35 @@ def test_readme_peft_config_snippet_runs(model, tokenizer, short_rows, tmp_path)
     assert isinstance(trainer.model, PeftModel) and kto.reference.mode == "null_adapter"
     trainer.train()
     assert trainer.state.log_history[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_model_adapter_name_with_sync_mixes_the_trained_adapter_into_the_reference(
+    three_adapters, tokenizer, short_rows, tmp_path
+):
+    """model_adapter_name + sync_ref_model: the reference adapter follows the adapter named for training, not the
+    one active when the model was built; the third adapter is untouched."""
+    from transformers import TrainerCallback
+
+    model = three_adapters
+    before = {name: _adapter_state(model, name) for name in ("default", "sft_ref", "new")}
+    kto, trainer = kto_trainer(
+        model, tokenizer, short_rows, tmp_path, max_steps=1,
+        kto_kwargs={"max_length": 256, "model_adapter_name": "new", "ref_adapter_name": "sft_ref",
+                    "sync_ref_model": True, "ref_model_sync_steps": 1, "ref_model_mixup_alpha": 0.5},
+    )
+    kto.attach(trainer)
+    seen = {}
+
+    class AfterSync(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.update({name: _adapter_state(model, name) for name in ("default", "sft_ref", "new")})
+
+    trainer.add_callback(AfterSync())  # after the sync callback: sees the mixed reference
+    trainer.train()
+    assert kto._sync.updates == 1
+    assert all(torch.equal(before["default"][n], seen["default"][n]) for n in before["default"])
+    new_after = {n.replace(".new.", ".sft_ref."): p for n, p in seen["new"].items()}
+    assert set(new_after) == set(before["sft_ref"])
+    assert any(not torch.equal(before["new"][n], seen["new"][n]) for n in before["new"])
+    for n, ref0 in before["sft_ref"].items():  # TR-DPO soft update, computed independently
+        torch.testing.assert_close(seen["sft_ref"][n], 0.5 * new_after[n] + 0.5 * ref0, rtol=0, atol=1e-7)

@@ -161,3 +161,48 @@ def test_on_nonfinite_validated():
 
     with pytest.raises(ValueError, match="on_nonfinite must be one of"):
         KTOConfig(on_nonfinite="ignore")
+
+
+def test_window_estimate_with_skip_drops_exactly_that_window(model, tokenizer, rows, tmp_path):
+    """kl_estimate="window" + on_nonfinite="skip": a non-finite KL pair in the second window makes that
+    window's z0 non-finite for both its micro-batches; only step 2's update is dropped, once."""
+    kto, trainer, ds = setup(model, tokenizer, rows, tmp_path, "skip", kl_estimate="window",
+                             gradient_accumulation_steps=2)
+    weights = WeightsPerStep(model)
+    trainer.add_callback(weights)
+    position = 2 * BATCH + 1  # step 2's window holds positions 8..15
+    row = ds[position]["row_index"]
+    poison(model, [kl_sequence(ds, position)], tokenizer.pad_token_id)
+    with pytest.warns(KTOPluginWarning, match=rf"KL pairs of rows \[{row}\]\) at training step 2\b.*skipped"):
+        trainer.train()
+    assert kto.nonfinite.skipped_steps == [2]
+    for name, value in weights.steps[2].items():
+        assert torch.equal(value, weights.steps[1][name]), name
+    assert any(not torch.equal(weights.steps[3][n], weights.steps[2][n]) for n in weights.steps[2])
+    assert all(torch.isfinite(v).all() for v in weights.steps[3].values())
+
+
+class StopAfterFirstMicroBatch(TrainerCallback):
+    """Interrupts training between the micro-batches of a window (as a KeyboardInterrupt in a notebook)."""
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        raise RuntimeError("interrupted")
+
+
+def test_skip_pending_from_an_interrupted_run_does_not_drop_a_later_update(model, tokenizer, rows, tmp_path):
+    """A non-finite micro-batch marks its window's update to be dropped; if training stops before that update,
+    the mark must not carry over to the next run's first (finite) step."""
+    kto, trainer, ds = setup(model, tokenizer, rows, tmp_path, "skip", gradient_accumulation_steps=2)
+    handle = poison(model, [target_sequence(ds, 1)], tokenizer.pad_token_id)  # step 1, first micro-batch
+    stop = StopAfterFirstMicroBatch()
+    trainer.add_callback(stop)
+    with pytest.warns(KTOPluginWarning, match="update is skipped"), pytest.raises(RuntimeError, match="interrupted"):
+        trainer.train()
+    handle.remove()
+    trainer.remove_callback(stop)
+    weights = WeightsPerStep(model)
+    trainer.add_callback(weights)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()  # the rows are fine now: every update is applied
+    assert kto.nonfinite.skipped_steps == []
+    assert any(not torch.equal(weights.steps[1][n], before[n]) for n in before)

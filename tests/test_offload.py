@@ -49,13 +49,17 @@ def _weights(trainer):
     return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_training_is_unchanged_by_offloading(checkpointing, base_model, tokenizer, rows, tmp_path):
+@pytest.mark.parametrize("checkpointing,accumulation", [(False, 1), (True, 1), (False, 2)],
+                         ids=["plain", "checkpointing", "accumulation-window"])
+def test_training_is_unchanged_by_offloading(checkpointing, accumulation, base_model, tokenizer, rows, tmp_path):
     runs = {}
+    # with accumulation: every micro-batch's training_step is wrapped; z0 over the window (kl_estimate="window")
+    kl_estimate = "window" if accumulation > 1 else "batch"
     for offload in (False, True):
         kto, trainer = kto_trainer(copy.deepcopy(base_model), tokenizer, rows, tmp_path, max_steps=2, optim="sgd",
                                    learning_rate=1.0, gradient_checkpointing=checkpointing,
-                                   kto_kwargs={"activation_offloading": offload})
+                                   gradient_accumulation_steps=accumulation,
+                                   kto_kwargs={"activation_offloading": offload, "kl_estimate": kl_estimate})
         kto.attach(trainer)
         if offload:
             kto.activation_offloader.offload_cpu_tensors = True

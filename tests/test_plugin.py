@@ -193,3 +193,125 @@ def test_gradient_accumulation_equals_a_doubled_batch(loss_type, steps, base_mod
     ga_loss = [h["loss"] for h in ga.state.log_history if "loss" in h]
     big_loss = [h["loss"] for h in big.state.log_history if "loss" in h]
     assert ga_loss == pytest.approx(big_loss, rel=1e-5)
+
+
+# --- everything attach() can install at once (review of the merged features) ---
+
+ALL_ON = dict(kl_estimate="window", on_nonfinite="skip", sync_ref_model=True, ref_model_sync_steps=1,
+              activation_offloading=True, generate_during_eval=True, generate_num_prompts=1,
+              generate_max_new_tokens=2)
+
+
+def _assert_restored(before, after):
+    assert before[0].keys() == after[0].keys(), set(before[0]) ^ set(after[0])
+    for key in before[0]:
+        assert after[0][key] is before[0][key] or after[0][key] == before[0][key], key
+    assert before[1:] == after[1:]
+
+
+def _short(rows, tokenizer, n):
+    pairs = [rows[i: i + 2] for i in range(0, len(rows), 2)]
+    return [r for p in pairs if len(tokenizer(p[0]["prompt"])["input_ids"]) < 60 for r in p][:n]
+
+
+def _all_on_trainer(model, tokenizer, rows, tmp_path, **kto_kwargs):
+    short = _short(rows, tokenizer, 12)
+    return kto_trainer(model, tokenizer, short[:8], tmp_path, kto_kwargs={**ALL_ON, **kto_kwargs},
+                       eval_rows=short[8:12], gradient_accumulation_steps=2, max_steps=1)
+
+
+def test_detach_restores_the_trainer_exactly_with_every_feature_on(model, tokenizer, rows, tmp_path):
+    kto, trainer = _all_on_trainer(model, tokenizer, rows, tmp_path)
+    before = _snapshot(trainer)
+    kto.attach(trainer)
+    kto.attach(trainer)  # idempotent
+    assert sum(c is kto._sync for c in trainer.callback_handler.callbacks) == 1
+    assert type(vars(trainer)["get_batch_samples"]).__name__ == "WindowBatchSamples"
+    assert {"training_step", "train"} <= set(vars(trainer))
+    kto.detach()
+    _assert_restored(before, _snapshot(trainer))
+    # attach again after detach: it trains (window z0, offloading, sync) and detaches exactly again
+    kto.attach(trainer)
+    trainer.train()
+    assert kto._sync.updates == 1
+    kto.detach()
+    after = _snapshot(trainer)
+    assert [c for c in after[2]] == before[2]
+    # the frozen-copy reference was taken out of accelerate's list; the policy train() prepared stays
+    assert all(m is trainer.model for m in trainer.accelerator._models)
+    assert {"get_batch_samples", "training_step", "train", "loss_is_scaled_for_ga"}.isdisjoint(vars(trainer))
+
+
+def test_a_late_failure_in_attach_leaves_the_trainer_unchanged(model, tokenizer, rows, tmp_path, monkeypatch):
+    """A refusal raised after attach() installed its wrappers (here: the last step before the summary) must
+    undo them all, so that a fixed retry starts from the user's trainer."""
+    import kto_plugin.plugin as plugin_module
+
+    model.config.attention_dropout = 0.3
+    kto, trainer = _all_on_trainer(model, tokenizer, rows, tmp_path)
+    before = _snapshot(trainer)
+
+    def refuse(*a, **kw):
+        raise ValueError("late refusal")
+
+    monkeypatch.setattr(plugin_module.TrainerCompat, "install", refuse)
+    with pytest.raises(ValueError, match="late refusal"):
+        kto.attach(trainer)
+    _assert_restored(before, _snapshot(trainer))
+    assert kto.trainer is None and kto.reference.mode == "unset"
+    monkeypatch.undo()
+    kto.attach(trainer)  # the retry works
+    assert trainer.compute_loss_func is kto.loss_hook
+    kto.detach()
+    _assert_restored(before, _snapshot(trainer))
+
+
+def test_a_refused_attach_does_not_leave_the_peft_adapter_it_added(model, tokenizer, rows, tmp_path):
+    """peft_config wraps the Trainer's model at attach(); a refusal after that (sync_ref_model with the null
+    reference of a fresh adapter) must unwrap it, or a corrected plugin finds a model that 'already has
+    adapters'."""
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    kto, trainer = kto_trainer(model, tokenizer, _short(rows, tokenizer, 8), tmp_path,
+                               kto_kwargs={"sync_ref_model": True},
+                               plugin_kwargs={"peft_config": lora})
+    before = _snapshot(trainer)
+    with pytest.raises(ValueError, match="base model with the adapter off"):
+        kto.attach(trainer)
+    assert trainer.model is model and trainer.model_wrapped is model
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    _assert_restored(before, _snapshot(trainer))
+    fixed = KTOPlugin(KTOConfig(max_length=96), tokenizer=tokenizer, peft_config=lora)
+    fixed.attach(trainer)
+    assert any("lora" in name for name, _ in trainer.model.named_parameters())
+
+
+def test_another_plugins_collator_on_the_trainer_is_replaced(model, tokenizer, rows, tmp_path):
+    """The Trainer was built with the collator of an earlier KTOPlugin (here without the KL batch); the plugin
+    attached now must train with its own collator (KL batch, its model kwargs), restored by detach()."""
+    first, trainer = kto_trainer(model, tokenizer, _short(rows, tokenizer, 8), tmp_path,
+                                 kto_kwargs={"loss_type": "apo_zero_unpaired"}, max_steps=1)
+    kto = KTOPlugin(KTOConfig(max_length=96), tokenizer=tokenizer)
+    kto.attach(trainer)
+    trainer.train()  # before the fix: KeyError 'kl_input_ids' (the earlier collator builds no KL batch)
+    assert trainer.data_collator is kto.collator
+    assert any("kl" in entry for entry in trainer.state.log_history)
+    kto.detach()
+    assert trainer.data_collator is first.collator
+
+
+def test_a_second_plugin_on_an_attached_trainer_is_refused(model, tokenizer, rows, tmp_path):
+    """Two plugins on one trainer would stack their wrappers and callbacks (two window KL passes, two resume
+    states under one key); the second attach is refused and changes nothing."""
+    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, kto_kwargs={"kl_estimate": "window"})
+    kto.attach(trainer)
+    attached = _snapshot(trainer)
+    other = KTOPlugin(KTOConfig(max_length=96), tokenizer=tokenizer)
+    with pytest.raises(RuntimeError, match="another KTOPlugin.*detach"):
+        other.attach(trainer)
+    _assert_restored(attached, _snapshot(trainer))
+    assert other.trainer is None
+    kto.detach()
+    other.attach(trainer)  # once detached, the other plugin may attach
+    assert trainer.compute_loss_func is other.loss_hook

@@ -361,3 +361,18 @@ def test_unprepared_dataset_is_refused(model, tokenizer, rows, tmp_path, cache_d
     )
     with pytest.raises(ValueError, match="lacks .*prompt_ids.*prepare_dataset"):
         kto.attach(trainer)
+
+
+def test_reattach_after_the_given_ref_model_was_released_is_refused(model, tokenizer, rows, tmp_path, cache_dir):
+    """attach() releases a given ref_model after its precompute pass; a second attach (after detach, or
+    after an attach that failed late) must not silently take a frozen copy of the policy as the reference."""
+    ref = build_tiny_model(len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=2)
+    kto, trainer = kto_trainer(
+        model, tokenizer, rows[:16], tmp_path, kto_kwargs=_precompute(cache_dir), plugin_kwargs={"ref_model": ref}
+    )
+    kto.attach(trainer)
+    kto.detach()
+    before = dict(vars(trainer))
+    with pytest.raises(ValueError, match=r"ref_model given to KTOPlugin was released"):
+        kto.attach(trainer)
+    assert kto.trainer is None and vars(trainer).keys() == before.keys()

@@ -357,3 +357,26 @@ def test_resume_with_synced_separate_ref_model_is_exact(base_model, tokenizer, r
     want = _logs(runs["straight"][0], {3, 4}, KTO_KEYS)
     assert set(want) == {3, 4}
     assert _logs(runs["resumed"][0], {3, 4}, KTO_KEYS) == want
+
+
+def _with_dropout(base_model):
+    model = copy.deepcopy(base_model)
+    for module in model.modules():  # Llama's attention applies it when the module is training
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.3
+    return model
+
+
+@pytest.mark.slow
+def test_resume_window_kl_with_dropout_is_exact(base_model, tokenizer, rows, tmp_path):
+    """kl_estimate="window" runs the KL pass for the window when the Trainer fetches it; with dropout on, that
+    pass draws random numbers, and a resumed Trainer restores the checkpoint's RNG state only after fetching
+    the first window: the pass must draw from the restored state, as in the uninterrupted run."""
+    kto_kwargs = {"kl_estimate": "window", "disable_dropout": False}
+    straight, resumed, _ = _resume_case(lambda: _with_dropout(base_model), tokenizer, rows[:16], tmp_path,
+                                        kto_kwargs=kto_kwargs, per_device_train_batch_size=2,
+                                        gradient_accumulation_steps=2)
+    want = _logs(straight, {3, 4}, KTO_KEYS + ("loss", "grad_norm"))
+    assert set(want) == {3, 4}
+    assert _logs(resumed, {3, 4}, KTO_KEYS + ("loss", "grad_norm")) == want
+    _assert_same_weights(straight.model, resumed.model)

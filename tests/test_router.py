@@ -109,3 +109,23 @@ def test_aux_loss_matches_trl(tokenizer, rows, tmp_path):
     expected, actual = trl.state.log_history, ours.state.log_history
     assert any("aux_loss" in e for e in actual) and any("eval_aux_loss" in e for e in actual)
     assert parity_problems(expected, actual) == []
+
+
+def test_window_estimate_with_router_aux_loss(moe, tokenizer, rows, tmp_path):
+    """kl_estimate="window": the window's KL pass (one no-grad forward per micro-batch, when the Trainer fetches
+    the window) asks for no router logits; each micro-batch's training forward does, and its aux_loss is
+    added to that micro-batch's loss as without the window."""
+    runs = {}
+    for estimate in ("batch", "window"):
+        kto, trainer = kto_trainer(copy.deepcopy(moe), tokenizer, rows, tmp_path, max_steps=1, optim="sgd",
+                                   learning_rate=0.0, gradient_accumulation_steps=2,
+                                   kto_kwargs={"kl_estimate": estimate, "router_aux_loss_coef": 0.5})
+        kto.attach(trainer)
+        calls = []
+        trainer.model.register_forward_pre_hook(
+            lambda m, a, kw: calls.append(bool(kw.get("output_router_logits"))), with_kwargs=True)
+        trainer.train()
+        runs[estimate] = (calls, trainer.state.log_history[0])
+    assert runs["window"][0] == [False, False, True, True]
+    assert runs["batch"][0] == [True, False, True, False]
+    assert runs["window"][1]["aux_loss"] == pytest.approx(runs["batch"][1]["aux_loss"], rel=1e-6)
