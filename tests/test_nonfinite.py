@@ -58,6 +58,15 @@ class WeightsPerStep(TrainerCallback):
         self.steps[state.global_step] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
 
 
+def assert_only_update_dropped(weights, step):
+    """The weights after `step` equal those before it; the next step updates them again, to finite values."""
+    for name, value in weights.steps[step].items():
+        assert torch.equal(value, weights.steps[step - 1][name]), name
+    after = weights.steps[step + 1]
+    assert any(not torch.equal(after[n], weights.steps[step][n]) for n in after)
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+
 def setup(model, tokenizer, rows, tmp_path, policy, loss_type="kto", kl_estimate="batch", **overrides):
     kto_kwargs = {"on_nonfinite": policy, "loss_type": loss_type, "kl_estimate": kl_estimate, "warn_guidance": False}
     kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, kto_kwargs=kto_kwargs,
@@ -117,10 +126,7 @@ def test_skip_drops_exactly_that_update(model, tokenizer, rows, tmp_path):
     with pytest.warns(KTOPluginWarning, match=rf"rows \[{row}\] at training step 2\b.*update is skipped"):
         trainer.train()
     assert kto.nonfinite.skipped_steps == [2]
-    for name, value in weights.steps[2].items():
-        assert torch.equal(value, weights.steps[1][name]), name
-    assert any(not torch.equal(weights.steps[3][n], weights.steps[2][n]) for n in weights.steps[2])
-    assert all(torch.isfinite(v).all() for v in weights.steps[3].values())
+    assert_only_update_dropped(weights, 2)
 
 
 def test_warn_goes_on_and_updates(model, tokenizer, rows, tmp_path):
@@ -176,10 +182,7 @@ def test_window_estimate_with_skip_drops_exactly_that_window(model, tokenizer, r
     with pytest.warns(KTOPluginWarning, match=rf"KL pairs of rows \[{row}\]\) at training step 2\b.*skipped"):
         trainer.train()
     assert kto.nonfinite.skipped_steps == [2]
-    for name, value in weights.steps[2].items():
-        assert torch.equal(value, weights.steps[1][name]), name
-    assert any(not torch.equal(weights.steps[3][n], weights.steps[2][n]) for n in weights.steps[2])
-    assert all(torch.isfinite(v).all() for v in weights.steps[3].values())
+    assert_only_update_dropped(weights, 2)
 
 
 class StopAfterFirstMicroBatch(TrainerCallback):
