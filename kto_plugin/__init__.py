@@ -7,6 +7,7 @@ from .hookspecs import hookimpl, hookspec
 from .nonfinite import NonFiniteLossError
 from .plugin import KTOPlugin
 from .plugin_manager import KTOPluginManager, PluginError, PluginValidationError
+from .warnings import KTOPluginWarning
 
 __all__ = [
     "KTOCollator",
@@ -14,6 +15,7 @@ __all__ = [
     "KTOLabels",
     "KTOPlugin",
     "KTOPluginManager",
+    "KTOPluginWarning",
     "NonFiniteLossError",
     "PluginError",
     "PluginValidationError",
