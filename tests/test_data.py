@@ -463,7 +463,7 @@ def test_precomputed_reference_uses_the_same_truncation(mode, base_model, tokeni
     assert kto.data_reports["train"].truncated > 0
     for row, ref in zip(data, stored):
         prompt, completion = row["prompt_ids"], row["completion_ids"]
-        if len(prompt) + len(completion) > 48:  # the rule README "Truncation" states
+        if len(prompt) + len(completion) > 48:  # the rule docs/data.md "Truncation" states
             if mode == "keep_start":
                 completion = completion[: 48 - len(prompt)]
             else:

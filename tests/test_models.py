@@ -343,17 +343,17 @@ def test_model_adapter_name_with_adapters_loaded_by_transformers(base_model, tok
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads_before
 
 
-def test_readme_peft_config_snippet_runs(model, tokenizer, short_rows, tmp_path):
+def test_docs_peft_config_snippet_runs(model, tokenizer, short_rows, tmp_path):
     import re
     from pathlib import Path
 
     from peft import PeftModel
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    snippet = re.search(r"\*\*`peft_config`: the plugin wraps the model.\*\*\n\n```python\n(.*?)```", readme, re.S)
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    snippet = re.search(r"\*\*`peft_config`: the plugin wraps the model.\*\*\n\n```python\n(.*?)```", guide, re.S)
     namespace = {"tokenizer": tokenizer, "model": model, "args": args(tmp_path, max_steps=1), "raw": short_rows,
                  "Trainer": Trainer, "KTOPlugin": KTOPlugin, "KTOConfig": KTOConfig}
-    exec(compile(snippet.group(1), "README.md", "exec"), namespace)
+    exec(compile(snippet.group(1), "docs/models.md", "exec"), namespace)
     trainer, kto = namespace["trainer"], namespace["kto"]
     assert isinstance(trainer.model, PeftModel) and kto.reference.mode == "null_adapter"
     trainer.train()

@@ -1,4 +1,5 @@
-"""The README's commands are the ones CI runs, and its snippets are real code."""
+"""The README's commands are the ones CI runs, and the snippets of the README and of the guides in docs/ are
+real code; every link between them resolves."""
 
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ from helpers import args
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = ROOT / "docs"
+GUIDES = sorted(p.stem for p in DOCS.glob("*.md") if p.name != "README.md")
+
+
+def doc(name: str) -> str:
+    """The text of the guide docs/<name>.md."""
+    return (DOCS / f"{name}.md").read_text()
 
 
 def _setup_commands():
@@ -40,12 +48,12 @@ def test_four_line_snippet_names_the_public_api():
 
 
 def test_writing_a_plugin_snippet_trains_with_its_loss(tokenizer, model, rows, tmp_path):
-    snippet = re.search(r"## Writing a plugin\n.*?```python\n(.*?)```", README, re.S).group(1)
+    snippet = re.search(r"## Writing a plugin\n.*?```python\n(.*?)```", doc("plugins"), re.S).group(1)
     plugin = snippet.split("class ", 1)[1].split("\nkto = ")[0]
     plugin_lines = [line for line in plugin.splitlines() if line.strip()]
-    assert len(plugin_lines) == 10  # the README promises a ten-line plugin
+    assert len(plugin_lines) == 10  # docs/plugins.md promises a ten-line plugin
     namespace = {"tokenizer": tokenizer}
-    exec(compile(snippet, "README.md", "exec"), namespace)
+    exec(compile(snippet, "docs/plugins.md", "exec"), namespace)
     kto = namespace["kto"]
     trainer = Trainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=kto.prepare_dataset(rows),
                       data_collator=kto.collator)
@@ -58,10 +66,9 @@ def test_data_formats_examples_prepare(tokenizer):
     import ast
     import warnings
 
-    from kto_plugin import KTOConfig, KTOPlugin
-    from kto_plugin.warnings import KTOPluginWarning
+    from kto_plugin import KTOConfig, KTOPlugin, KTOPluginWarning
 
-    section = README.split("## Data formats", 1)[1].split("\n## ", 1)[0]
+    section = doc("data").split("## Data formats", 1)[1].split("\n## ", 1)[0]
     examples = re.findall(r"^\| ([a-z ]+) \| `(\{.*\})` \|$", section, re.M)
     assert len(examples) == 6
     for kind, text in examples:
@@ -75,14 +82,11 @@ def test_data_formats_examples_prepare(tokenizer):
             kind.removeprefix("conversational ")]
         assert len(out) == (1 if report.format == "unpaired" else 2)
 
-def _section(title: str) -> str:
-    return re.search(rf"\n## {re.escape(title)}\n(.*?)(?=\n## |\Z)", README, re.S).group(1)
-
 
 def _migration_rows() -> list[tuple[set[str], str]]:
     """(names in the TRL column, the kto_plugin column) for every row of the migration tables."""
     rows = []
-    for line in _section("Migrating from TRL's KTOTrainer").splitlines():
+    for line in doc("migrating-from-trl").splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("|") and len(cells) == 3 and cells[0] not in ("TRL", "---"):
             rows.append((set(re.findall(r"`([A-Za-z_]+)`", cells[0])), cells[1]))
@@ -118,17 +122,17 @@ def test_fields_marked_same_have_trls_name_and_default():
         if status != "**same**":
             continue
         for name in names & set(trl_fields):
-            assert name in ours, f"README says {name} is the same as TRL's, but KTOConfig has no such field"
+            assert name in ours, f"docs/migrating-from-trl.md says {name} is the same as TRL's, but KTOConfig has no such field"
             assert ours[name].default == trl_fields[name].default, name
             checked += 1
     assert checked >= 10
 
 
 def test_data_examples_prepare_as_described(tokenizer):
-    block = re.search(r"## Your data: unpaired, paired, conversational\n.*?```python\n(.*?)```", README,
+    block = re.search(r"## Your data: unpaired, paired, conversational\n.*?```python\n(.*?)```", doc("data"),
                       re.S).group(1)
     namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, "docs/data.md", "exec"), namespace)
     kto = KTOPlugin(KTOConfig(max_length=64), tokenizer=tokenizer)
     for name in ("unpaired", "conversational"):
         prepared = kto.prepare_dataset(namespace[name], name=name)
@@ -154,11 +158,9 @@ def test_demo_picture_is_embedded_small_and_a_png():
 
 def test_newcomer_path_links_point_at_sections():
     path = re.search(r"\*\*A newcomer's path\*\*.*?\n\n(.*?)\n\n", README, re.S).group(1)
-    anchors = re.findall(r"\]\(#([a-z0-9-]+)\)", path)
-    assert len(anchors) == 8
-    headings = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-")
-                for h in re.findall(r"^#+ (.*)$", README, re.M)}
-    assert [a for a in anchors if a not in headings] == []
+    links = re.findall(r"\]\(([^)]+)\)", path)
+    assert len(links) == 8
+    assert [link for link in links if _unresolved(ROOT / "README.md", link)] == []
 
 
 def test_lora_null_reference_snippet_trains_an_adapter_against_the_base_model(tokenizer, model, rows,
@@ -175,13 +177,13 @@ def test_lora_null_reference_snippet_trains_an_adapter_against_the_base_model(to
 
 
 def test_configuration_table_names_every_kto_config_field():
-    section = README.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    section = doc("configuration")
     named = set(re.findall(r"`([a-z_]+)`", section))
     assert sorted(f.name for f in dataclasses.fields(KTOConfig) if f.name not in named) == []
 
 
-def _python_block_after(heading_regex: str) -> str:
-    return re.search(heading_regex + r".*?```python\n(.*?)```", README, re.S).group(1)
+def _python_block_after(heading_regex: str, text: str = README) -> str:
+    return re.search(heading_regex + r".*?```python\n(.*?)```", text, re.S).group(1)
 
 
 def _first_step_loss(trainer) -> float:
@@ -198,12 +200,12 @@ def test_four_line_snippet_runs_as_written(tokenizer, model, rows, tmp_path):
 
 
 def test_migration_snippet_runs_as_written(tokenizer, model, rows, tmp_path):
-    snippet = re.search(r"```python\n(# kto_plugin\n.*?)```", README, re.S).group(1)
+    snippet = re.search(r"```python\n(# kto_plugin\n.*?)```", doc("migrating-from-trl"), re.S).group(1)
     namespace = {"tokenizer": tokenizer, "model": model, "raw": rows[:8], "out": str(tmp_path),
                  "TrainingArguments": TrainingArguments, "Trainer": Trainer, "KTOConfig": KTOConfig,
                  "KTOPlugin": KTOPlugin}
     short = "learning_rate=1e-6, max_steps=1, logging_steps=1, report_to='none')"
-    exec(compile(snippet.replace("learning_rate=1e-6)", short), "README.md", "exec"), namespace)
+    exec(compile(snippet.replace("learning_rate=1e-6)", short), "docs/migrating-from-trl.md", "exec"), namespace)
     trainer = namespace["trainer"]
     assert trainer.args.learning_rate == 1e-6 and namespace["kto"].config.beta == 0.1
     assert _first_step_loss(trainer) == pytest.approx(0.5, abs=1e-6)
@@ -212,10 +214,11 @@ def test_migration_snippet_runs_as_written(tokenizer, model, rows, tmp_path):
 def test_peft_config_snippet_wraps_and_trains_an_adapter(tokenizer, model, rows, tmp_path):
     from peft import PeftModel
 
-    snippet = re.search(r"```python\n(from peft import LoraConfig\n\nkto = KTOPlugin.*?)```", README, re.S).group(1)
+    snippet = re.search(r"```python\n(from peft import LoraConfig\n\nkto = KTOPlugin.*?)```", doc("models"),
+                        re.S).group(1)
     namespace = {"tokenizer": tokenizer, "model": model, "raw": rows[:8], "args": args(tmp_path, max_steps=1),
                  "Trainer": Trainer, "KTOConfig": KTOConfig, "KTOPlugin": KTOPlugin}
-    exec(compile(snippet + "trainer.train()\n", "README.md", "exec"), namespace)
+    exec(compile(snippet + "trainer.train()\n", "docs/models.md", "exec"), namespace)
     assert isinstance(namespace["trainer"].model, PeftModel)
     assert namespace["kto"].reference.describe().startswith("the base model, adapters off")
     assert _first_step_loss(namespace["trainer"]) == pytest.approx(0.5, abs=1e-6)  # fresh LoRA: policy == base
@@ -224,7 +227,7 @@ def test_peft_config_snippet_wraps_and_trains_an_adapter(tokenizer, model, rows,
 def test_resume_snippet_resumes_from_the_checkpoint(tokenizer, base_model, rows, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    snippet = _python_block_after(r"### Resuming a run\n")
+    snippet = _python_block_after(r"## Resuming a run\n", doc("multi-gpu"))
     base_dir = tmp_path / "base"
     base_model.save_pretrained(base_dir)
     run_args = args(tmp_path / "out", max_steps=2, save_strategy="steps", save_steps=1)
@@ -246,7 +249,8 @@ def test_resume_snippet_resumes_from_the_checkpoint(tokenizer, base_model, rows,
     namespace = {"AutoModelForCausalLM": AutoModelForCausalLM, "base_model": str(base_dir), "tokenizer": tokenizer,
                  "raw_rows": rows[:8], "args": run_args, "Trainer": CountingTrainer, "KTOConfig": KTOConfig,
                  "KTOPlugin": KTOPlugin}
-    exec(compile(snippet.replace('"out/checkpoint-500"', repr(str(checkpoint))), "README.md", "exec"), namespace)
+    exec(compile(snippet.replace('"out/checkpoint-500"', repr(str(checkpoint))), "docs/multi-gpu.md", "exec"),
+         namespace)
     resumed = namespace["trainer"]
     assert resumed.state.global_step == 2 and steps_run == [1]  # only step 2 ran: it resumed, not restarted
     assert [h["loss"] for h in resumed.state.log_history if "loss" in h][-1] == uninterrupted[-1]
@@ -257,16 +261,79 @@ def _github_slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
+def _prose(text: str) -> str:
+    """Markdown without fenced code blocks (a `# comment` in a bash block is no heading)."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
+def _slugs(path: Path) -> set[str]:
+    return {_github_slug(h) for h in re.findall(r"^#+ (.*)$", _prose(path.read_text()), re.M)}
+
+
+def _links(path: Path) -> list[str]:
+    """Link and image targets of a Markdown file, outside code blocks and code spans."""
+    prose = re.sub(r"`[^`\n]*`", "", _prose(path.read_text()))
+    return re.findall(r"\]\(([^)\s]+)\)", prose)
+
+
+def _unresolved(source: Path, link: str) -> str | None:
+    """Why `link` in `source` does not resolve (a missing file or heading), or None where it does.
+    Relative links resolve against the source's folder, as on GitHub; web addresses are not fetched."""
+    if re.match(r"[a-z]+:", link):
+        return None
+    target, _, anchor = link.partition("#")
+    path = (source.parent / target).resolve() if target else source
+    if not path.exists():
+        return f"{source.relative_to(ROOT)}: {link}: no file {path}"
+    if anchor and (path.suffix != ".md" or anchor not in _slugs(path)):
+        return f"{source.relative_to(ROOT)}: {link}: no heading #{anchor} in {path.name}"
+    return None
+
+
+MARKDOWN = [ROOT / "README.md", *sorted(DOCS.glob("*.md")), *sorted((ROOT / "examples").glob("**/*.md"))]
+
+
 def test_every_anchor_and_relative_link_resolves():
-    slugs = {_github_slug(h) for h in re.findall(r"^#+ (.*)$", README, re.M)}
     assert _github_slug("`kl_estimate`: `\"batch\"` or `\"window\"`") == "kl_estimate-batch-or-window"
-    anchors = set(re.findall(r"\]\(#([^)]+)\)", README))
+    assert "kl_estimate-batch-or-window" in _slugs(DOCS / "multi-gpu.md")
+    links = {(path, link) for path in MARKDOWN for link in _links(path)}
+    anchors = {(path, link) for path, link in links if "#" in link}
     assert len(anchors) >= 15
-    assert sorted(anchors - slugs) == []
-    links = set(re.findall(r"\]\(([^#)][^)]*)\)", README)) - {l for l in re.findall(r"\]\((https?://[^)]+)\)", README)}
-    assert links and sorted(link for link in links if not (ROOT / link).exists()) == []
-    named = set(re.findall(r"`((?:examples|tests|benchmarks|docs|kto_plugin)/[^` :]+)`", README))
-    assert sorted(path for path in named if not (ROOT / path).exists()) == []
+    assert sorted(filter(None, (_unresolved(path, link) for path, link in links))) == []
+    named = {name for path in MARKDOWN
+             for name in re.findall(r"`((?:examples|tests|benchmarks|docs|kto_plugin)/[^` :]+)`", path.read_text())}
+    assert named and sorted(name for name in named if not (ROOT / name).exists()) == []
+
+
+def test_readme_is_a_landing_page_that_links_every_guide():
+    assert len(README.splitlines()) <= 300  # the landing page; the reference material lives in docs/
+    assert len(GUIDES) >= 9
+    linked = {(ROOT / link.partition("#")[0]).resolve() for link in _links(ROOT / "README.md")}
+    assert sorted(name for name in GUIDES if (DOCS / f"{name}.md").resolve() not in linked) == []
+    assert (DOCS / "README.md").resolve() in linked
+
+
+def test_docs_index_lists_every_guide():
+    linked = {(DOCS / link.partition("#")[0]).resolve() for link in _links(DOCS / "README.md")}
+    assert sorted(name for name in GUIDES if (DOCS / f"{name}.md").resolve() not in linked) == []
+
+
+def test_docs_name_only_module_paths_that_stay():
+    """The package is being grouped into sub-packages of private modules: the docs name only the top level, its
+    sub-packages and the modules users import, never a module that moves (`kto_plugin.sync`, ...)."""
+    import kto_plugin
+
+    stay = {"kto_plugin", "kto_plugin.loss", "kto_plugin.hookspecs", "kto_plugin.config", "kto_plugin.demo",
+            "kto_plugin.cli", "kto_plugin.data", "kto_plugin.reference", "kto_plugin.integrations", "kto_plugin.hooks",
+            "kto_plugin.errors"}
+    named = set()
+    for path in MARKDOWN:
+        for name in re.findall(r"`(kto_plugin(?:\.\w+)*)", path.read_text()):
+            parts = name.split(".")
+            while parts[-1][:1].isupper() or (len(parts) == 2 and parts[1] in kto_plugin.__all__):
+                parts.pop()  # a class, or a name the top level exports
+            named.add((str(path.relative_to(ROOT)), ".".join(parts)))
+    assert sorted((file, name) for file, name in named if name not in stay) == []
 
 
 def test_newcomer_path_names_every_example():
