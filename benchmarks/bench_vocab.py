@@ -8,7 +8,7 @@ log-probs.
 
   naive        log_softmax over the full (B, T, V) float32 logits, then gather (what a plain loop does)
   trl          TRL 1.16's ChunkedLogProbFunction as its fused LM head calls it on CPU (every position)
-  kto_plugin   kto_plugin.logprobs.logps_from_hidden (completion positions only, 32 MiB chunks)
+  kto_plugin   kto_plugin.step._logprobs.logps_from_hidden (completion positions only, 32 MiB chunks)
 
     python benchmarks/bench_vocab.py
 """
@@ -70,7 +70,7 @@ def _trl(hidden, head, labels):
 
 
 def _ours(hidden, head, labels):
-    from kto_plugin.logprobs import logps_from_hidden
+    from kto_plugin.step._logprobs import logps_from_hidden
 
     return logps_from_hidden(hidden, head, labels).logps
 

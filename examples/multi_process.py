@@ -28,7 +28,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kto_plugin import KTOConfig, KTOPlugin
 from kto_plugin.demo import build_tiny_model, build_tokenizer, hh_unpaired_rows
-from kto_plugin.sharding import sharding_of
+from kto_plugin.reference import sharding_of
 
 
 def parse_run(text: str) -> dict[str, Any]:

@@ -26,8 +26,14 @@ class KTOLossOutput(NamedTuple):
     kl: torch.Tensor  # () the reference point used (detached)
 
 
-def _rewards(logratios: torch.Tensor, labels: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    rewards = beta * logratios.detach()
+def implied_rewards(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """The implied reward ``beta * (log pi(y|x) - log pi_ref(y|x))`` of each example, detached: what is logged as
+    ``rewards/*`` and what every loss's `KTOLossOutput` reports."""
+    return beta * (policy_logps.detach() - reference_logps.detach())
+
+
+def _rewards(policy_logps: torch.Tensor, reference_logps: torch.Tensor, labels: torch.Tensor, beta: float):
+    rewards = implied_rewards(policy_logps, reference_logps, beta)
     return rewards[labels], rewards[~labels]
 
 
@@ -55,7 +61,7 @@ def kto_loss(
     desirable = 1 - torch.sigmoid(beta * (logratios - kl))
     undesirable = 1 - torch.sigmoid(beta * (kl - logratios))
     losses = torch.where(labels, desirable, undesirable)
-    return KTOLossOutput(losses, *_rewards(logratios, labels, beta), kl)
+    return KTOLossOutput(losses, *_rewards(policy_logps, reference_logps, labels, beta), kl)
 
 
 def apo_zero_unpaired_loss(
@@ -74,7 +80,7 @@ def apo_zero_unpaired_loss(
     desirable = 1 - torch.sigmoid(beta * logratios)
     undesirable = torch.sigmoid(beta * logratios)
     losses = torch.where(labels, desirable, undesirable)
-    return KTOLossOutput(losses, *_rewards(logratios, labels, beta), policy_logps.new_zeros(()))
+    return KTOLossOutput(losses, *_rewards(policy_logps, reference_logps, labels, beta), policy_logps.new_zeros(()))
 
 
 def weighted_mean(

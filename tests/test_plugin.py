@@ -9,9 +9,10 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from helpers import args, kto_trainer
+from kto_plugin.reference import ReferenceSyncCallback
 from kto_plugin import KTOConfig, KTOPlugin
-from kto_plugin.compute_loss import KTOComputeLoss
-from kto_plugin.metrics import KTOMetricsCallback
+from kto_plugin.step._compute_loss import KTOComputeLoss
+from kto_plugin.trainer._callbacks import KTOMetricsCallback
 
 KTO_KEYS = {"kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
             "logits/chosen", "logits/rejected"}
@@ -225,7 +226,7 @@ def test_detach_restores_the_trainer_exactly_with_every_feature_on(model, tokeni
     before = _snapshot(trainer)
     kto.attach(trainer)
     kto.attach(trainer)  # idempotent
-    assert sum(c is kto._sync for c in trainer.callback_handler.callbacks) == 1
+    assert sum(isinstance(c, ReferenceSyncCallback) for c in trainer.callback_handler.callbacks) == 1
     assert type(vars(trainer)["get_batch_samples"]).__name__ == "WindowBatchSamples"
     assert {"training_step", "train"} <= set(vars(trainer))
     kto.detach()
@@ -233,7 +234,7 @@ def test_detach_restores_the_trainer_exactly_with_every_feature_on(model, tokeni
     # attach again after detach: it trains (window z0, offloading, sync) and detaches exactly again
     kto.attach(trainer)
     trainer.train()
-    assert kto._sync.updates == 1
+    assert _sync_callback(trainer).updates == 1
     kto.detach()
     after = _snapshot(trainer)
     assert [c for c in after[2]] == before[2]
@@ -245,7 +246,7 @@ def test_detach_restores_the_trainer_exactly_with_every_feature_on(model, tokeni
 def test_a_late_failure_in_attach_leaves_the_trainer_unchanged(model, tokenizer, rows, tmp_path, monkeypatch):
     """A refusal raised after attach() installed its wrappers (here: the last step before the summary) must
     undo them all, so that a fixed retry starts from the user's trainer."""
-    import kto_plugin.plugin as plugin_module
+    import kto_plugin.trainer._attach as attach_module
 
     model.config.attention_dropout = 0.3
     kto, trainer = _all_on_trainer(model, tokenizer, rows, tmp_path)
@@ -254,7 +255,7 @@ def test_a_late_failure_in_attach_leaves_the_trainer_unchanged(model, tokenizer,
     def refuse(*a, **kw):
         raise ValueError("late refusal")
 
-    monkeypatch.setattr(plugin_module.TrainerCompat, "install", refuse)
+    monkeypatch.setattr(attach_module, "install_model_init", refuse)
     with pytest.raises(ValueError, match="late refusal"):
         kto.attach(trainer)
     _assert_restored(before, _snapshot(trainer))
@@ -315,3 +316,66 @@ def test_a_second_plugin_on_an_attached_trainer_is_refused(model, tokenizer, row
     kto.detach()
     other.attach(trainer)  # once detached, the other plugin may attach
     assert trainer.compute_loss_func is other.loss_hook
+
+
+def _sync_callback(trainer):
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, ReferenceSyncCallback))
+
+
+def test_an_attached_trainer_pickles_and_the_copy_trains_and_detaches(model, tokenizer, rows, tmp_path):
+    """Ray Tune pickles the Trainer (with the plugin attached) to ship it to its workers: the copy must be a
+    working attached trainer of its own, with every feature's wrapper and callback."""
+    import pickle
+
+    from accelerate.state import GradientState
+
+    # accelerate's GradientState is one shared object per process that keeps weak references to the dataloaders
+    # of every earlier train() (earlier tests): no Trainer, with or without the plugin, pickles while it holds them
+    GradientState._reset_state()
+    kto, trainer = _all_on_trainer(model, tokenizer, rows, tmp_path)
+    before = pickle.loads(pickle.dumps(trainer))  # the user's trainer, unattached, as a pickled copy
+    kto.attach(trainer)
+    copy_ = pickle.loads(pickle.dumps(trainer))
+    hook = copy_.compute_loss_func
+    assert isinstance(hook, KTOComputeLoss) and hook is not kto.loss_hook and hook.trainer is copy_
+    assert type(vars(copy_)["get_batch_samples"]).__name__ == "WindowBatchSamples"
+    assert vars(copy_)["get_batch_samples"].trainer is copy_
+    assert _sync_callback(copy_).trainer is copy_
+    copy_.train()
+    trainer.train()
+    assert copy_.state.log_history[0]["loss"] == trainer.state.log_history[0]["loss"]
+    assert {k: copy_.state.log_history[0][k] for k in KTO_KEYS} == {
+        k: trainer.state.log_history[0][k] for k in KTO_KEYS}
+    # the copy's plugin detaches its own trainer exactly
+    plugin = next(c for c in copy_.callback_handler.callbacks if type(c).__name__ == "ResumeCallback").plugin
+    plugin.detach()
+    assert {"get_batch_samples", "training_step", "train", "loss_is_scaled_for_ga"}.isdisjoint(vars(copy_))
+    assert [type(c) for c in copy_.callback_handler.callbacks] == [type(c) for c in before.callback_handler.callbacks]
+    assert copy_.compute_loss_func is None
+
+
+def test_train_is_wrapped_only_for_sync_ref_model(model, tokenizer, rows, tmp_path):
+    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path)
+    kto.attach(trainer)
+    assert "train" not in vars(trainer)
+    assert "get_batch_samples" not in vars(trainer) and "training_step" not in vars(trainer)
+
+
+def test_a_wrapped_method_with_another_signature_is_refused_at_attach(model, tokenizer, rows, tmp_path):
+    """A transformers release (or a user's subclass) whose get_batch_samples takes other parameters than the
+    wrapper was written for: refused at attach, naming the version, before anything is changed."""
+    import transformers
+
+    from kto_plugin.trainer import SignatureMismatch
+
+    class Renamed(Trainer):
+        def get_batch_samples(self, iterator, num_batches, device):
+            return super().get_batch_samples(iterator, num_batches, device)
+
+    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, trainer_cls=Renamed,
+                               kto_kwargs={"kl_estimate": "window"})
+    before = _snapshot(trainer)
+    with pytest.raises(SignatureMismatch, match=rf"transformers {transformers.__version__}.*get_batch_samples"):
+        kto.attach(trainer)
+    _assert_restored(before, _snapshot(trainer))
+    assert kto.trainer is None

@@ -1,4 +1,4 @@
-"""Run under torchrun (2 processes, gloo, CPU): `kto_plugin.sharding.prepare_reference` under FSDP2.
+"""Run under torchrun (2 processes, gloo, CPU): `kto_plugin.reference._sharding.prepare_reference` under FSDP2.
 
 accelerate 1.15 enables FSDP only for accelerator devices (on CPU it falls back to DDP), so the Trainer cannot
 run FSDP here; this script gives `prepare_reference` what the Trainer would (an accelerator with accelerate's
@@ -18,7 +18,7 @@ from accelerate.utils import FullyShardedDataParallelPlugin
 from torch.distributed.tensor import DTensor
 
 from kto_plugin.demo import build_tiny_model
-from kto_plugin.sharding import prepare_reference
+from kto_plugin.reference._sharding import prepare_reference
 
 
 def main() -> None:

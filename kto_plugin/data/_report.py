@@ -1,0 +1,96 @@
+"""`DataReport`: what preparation did to one dataset (nothing is dropped or cut without being counted)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ._formats import UNPAIRED
+
+# the KTO paper's eq. 8: desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3]
+BALANCE_RANGE = (1.0, 4 / 3)
+
+
+@dataclass
+class DataReport:
+    """What preparation did to one dataset: nothing is dropped or cut without being counted here.
+
+    For a streamed (`IterableDataset`) input the counts grow as rows are read (in the reading process).
+    """
+
+    name: str
+    format: str = UNPAIRED
+    conversational: bool = False
+    order: str | None = None  # paired formats: "trl" or "interleaved"
+    streaming: bool = False
+    rows_in: int = 0  # input rows (pairs for a paired format)
+    rows_out: int = 0
+    n_desirable: int = 0
+    n_undesirable: int = 0
+    dropped_prompt_too_long: int = 0  # keep_start: prompt alone >= max_length (no completion token would be left)
+    dropped_rows: list[int] = field(default_factory=list)  # input row indices (pairs for paired) of drops, first 10
+    truncated: int = 0  # rows the collator cuts to max_length
+    completion_truncated: int = 0  # of those, rows that lose completion tokens
+    prompt_truncated: int = 0  # prompts cut to max_prompt_length at preparation
+    completion_limited: int = 0  # completions cut to max_completion_length at preparation
+    prompt_boundary_mismatch: int = 0  # tokenized prompt not a prefix of prompt+completion
+    balance: str | None = None  # the paper's eq. 8 advice when desirable/undesirable are out of balance
+
+    def summary(self) -> str:
+        kind = f"{'conversational ' if self.conversational else ''}{self.format}"
+        if self.order:
+            kind += f", {self.order} order"
+        parts = [
+            f"{self.name} ({kind}{', streaming: counts so far' if self.streaming else ''}): "
+            f"{self.rows_out} rows from {self.rows_in} input rows",
+            f"{self.n_desirable} desirable / {self.n_undesirable} undesirable",
+        ]
+        if self.dropped_prompt_too_long:
+            parts.append(
+                f"{self.dropped_prompt_too_long} dropped: prompt alone >= max_length, no completion token would "
+                "remain (raise max_length, or set max_prompt_length or truncation_mode='keep_end')"
+            )
+        if self.prompt_truncated:
+            parts.append(f"{self.prompt_truncated} prompts cut to max_prompt_length (their last tokens kept)")
+        if self.completion_limited:
+            parts.append(f"{self.completion_limited} completions cut to max_completion_length (their first tokens kept)")
+        if self.truncated:
+            parts.append(
+                f"{self.truncated} cut to max_length by the collator ({self.completion_truncated} lose completion "
+                "tokens)"
+            )
+        if self.prompt_boundary_mismatch:
+            parts.append(
+                f"{self.prompt_boundary_mismatch} with a prompt/completion token boundary that merges "
+                "(completion starts where the tokenizations diverge)"
+            )
+        if self.balance:
+            parts.append(self.balance)
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Advice:
+    """One piece of advice: `key` identifies it (each is given once), `message` says what to change."""
+
+    key: str
+    message: str
+
+
+def balance_advice(
+    n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float
+) -> Advice | None:
+    """Eq. 8: lambda_D n_D / (lambda_U n_U) should lie in [1, 4/3]; suggests a desirable_weight if not."""
+    if n_desirable == 0 or n_undesirable == 0 or undesirable_weight == 0:
+        return None
+    ratio = desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
+    low, high = BALANCE_RANGE
+    if low <= ratio <= high:
+        return None
+    base = undesirable_weight * n_undesirable / n_desirable
+    return Advice(
+        "balance",
+        f"desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = {desirable_weight} * "
+        f"{n_desirable} / ({undesirable_weight} * {n_undesirable}) = {ratio:.2f}, outside the paper's [1, 4/3] "
+        f"(eq. 8). Set desirable_weight in [{base * low:.2f}, {base * high:.2f}] (keeping "
+        f"undesirable_weight={undesirable_weight}).",
+    )

@@ -1,0 +1,160 @@
+"""What `KTOPlugin.attach` does to a Trainer, in order, every change through the plugin's ledgers.
+
+Two ledgers (`kto_plugin.trainer._ledger`):
+
+* ``plugin.binding``: what is tied to the policy instance (the reference, the log-prob paths, dropout, the trained
+  adapter, the collator's model settings). `model_init` makes a new policy in `train()`, so this one is undone
+  and made again by `KTOPlugin.rebind`.
+* ``plugin.ledger``: everything else on the Trainer (loss hook, arguments, collator, callbacks, wrapped methods,
+  datasets with precomputed columns).
+
+`detach()` undoes the second, then the first.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..data import KTOCollator
+from ..integrations._eval_predictions import install_eval_predictions
+from ..integrations._generation import KTOGenerationCallback
+from ..integrations._hpo import install_model_init
+from ..integrations._liger import install_liger
+from ..integrations._offload import ActivationOffloader, OffloadingTrainingStep
+from ..integrations._router import router_aux_coef
+from ..reference._adapters import AdapterHost, activate_trained_adapter
+from ..reference._sharding import shards_parameters
+from ..reference._sync import ReferenceSyncCallback, sync_pairs
+from ..step._logprobs import LogpsPath, choose_path
+from ..step._reference_point import WindowBatchSamples
+from ._callbacks import KTOMetricsCallback, NonFiniteSkipCallback
+from ._guidance import attach_advice, label_counts
+from ._models import check_architecture, decoder_start_token_id
+from ._resume import RecordCheckpointTrain, ResumeCallback
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+    from ..plugin import KTOPlugin
+
+logger = logging.getLogger("kto_plugin")
+
+
+def bind_model(plugin: KTOPlugin, trainer: Trainer, policy: torch.nn.Module) -> LogpsPath:
+    """Everything tied to the policy instance (the unwrapped model), recorded in ``plugin.binding``: the
+    architecture, the trained adapter, the reference, the log-prob paths, dropout. Returns the policy's path."""
+    binding, config, collator = plugin.binding, plugin.config, plugin.collator
+    encoder_decoder = check_architecture(policy, plugin.reference.given_ref_model, config.is_encoder_decoder)
+    binding.setattr(collator, "encoder_decoder", encoder_decoder)
+    binding.setattr(collator, "decoder_start_token_id", decoder_start_token_id(policy) if encoder_decoder else None)
+    if plugin.model_adapter_name is not None:
+        activate_trained_adapter(policy, plugin.model_adapter_name, binding)
+    aux_coef = router_aux_coef(config, policy)  # may refuse: before the reference is set up
+    binding.on_undo(plugin.reference, "teardown")
+    plugin.reference.setup(
+        trainer,
+        policy,
+        disable_ref_dropout=config.disable_dropout,
+        peft_reference=plugin.peft_reference_of(policy),
+        precompute=config.precompute_ref_log_probs,
+    )
+    if config.sync_ref_model:
+        sync_pairs(trainer, plugin.reference)  # refuses a reference that cannot follow the policy
+    sharded = shards_parameters(trainer)
+    policy_path = choose_path(policy, sharded=sharded)
+    reference_model = plugin.reference.ref_model
+    reference_path = (
+        choose_path(trainer.accelerator.unwrap_model(reference_model), sharded=sharded)
+        if reference_model is not None
+        else policy_path
+    )
+    policy_path.ignore_index = reference_path.ignore_index = config.label_pad_token_id
+    hook = plugin.loss_hook
+    binding.on_undo(hook, "bind", None)
+    hook.bind(trainer, policy_path, reference_path)
+    binding.setattr(hook, "router_aux_loss_coef", aux_coef)
+    model_kwargs = policy_path.model_kwargs()
+    if aux_coef is not None:
+        # the Trainer's policy forward (not the reference or KL passes) returns the model's own aux_loss
+        model_kwargs["output_router_logits"] = True
+    binding.setattr(collator, "model_kwargs", model_kwargs)
+    if config.disable_dropout:
+        for module in policy.modules():
+            if isinstance(module, torch.nn.Dropout) and module.p != 0:
+                binding.setattr(module, "p", 0.0)
+    return policy_path
+
+
+def install(plugin: KTOPlugin, trainer: Trainer, policy_path: LogpsPath) -> None:
+    """Every change to the Trainer, in ``plugin.ledger``; the caller undoes it all if this raises."""
+    ledger, config, hook = plugin.ledger, plugin.config, plugin.loss_hook
+    ledger.setattr(trainer, "compute_loss_func", hook)
+    # the loss is a per-micro-batch mean: let the Trainer divide by the accumulation steps
+    ledger.setattr(trainer, "loss_is_scaled_for_ga", False)
+    ledger.setattr(trainer.args, "remove_unused_columns", False)
+    ledger.setattr(trainer, "label_names", ["labels"])
+    if trainer.data_collator is not plugin.collator:
+        # also another KTOCollator (e.g. an earlier KTOPlugin's): the batch must be built as this plugin set its
+        # collator up (KL batch or not, model kwargs, encoder-decoder layout)
+        if isinstance(trainer.data_collator, KTOCollator):
+            logger.info("kto_plugin: the Trainer's KTOCollator is not this plugin's; using kto.collator")
+        ledger.setattr(trainer, "data_collator", plugin.collator)
+    plugin.metrics_callback = KTOMetricsCallback(plugin.metrics, trainer)
+    ledger.add_callback(trainer, plugin.metrics_callback, index=0)  # before the reporters
+    if config.generate_during_eval:
+        generation = KTOGenerationCallback(
+            trainer, plugin.reference, plugin.tokenizer, config.generate_num_prompts, config.generate_max_new_tokens
+        )
+        ledger.add_callback(trainer, generation, index=1)
+    # last: its on_log stores the accumulator after the metrics callback has taken the interval's values
+    resume = ResumeCallback(plugin)
+    ledger.add_callback(trainer, resume)
+    if config.on_nonfinite == "skip":
+        ledger.add_callback(trainer, NonFiniteSkipCallback(plugin.nonfinite), index=0)
+    if config.kl_estimate == "window" and plugin.needs_kl:
+        ledger.wrap(trainer, "get_batch_samples", WindowBatchSamples, trainer, hook)
+    if config.activation_offloading:
+        plugin.activation_offloader = ActivationOffloader()
+        ledger.wrap(trainer, "training_step", OffloadingTrainingStep, trainer, plugin.activation_offloader)
+    if config.sync_ref_model:
+        sync = ReferenceSyncCallback(
+            trainer, plugin.reference, config.ref_model_mixup_alpha, config.ref_model_sync_steps
+        )
+        ledger.add_callback(trainer, sync)  # after the optimizer step, as TRL's
+        # only the synced reference needs to know the checkpoint a resumed run starts from
+        ledger.wrap(trainer, "train", RecordCheckpointTrain, trainer, resume)
+    install_liger(plugin, trainer)
+    install_eval_predictions(plugin, trainer)
+    install_model_init(plugin, trainer)
+    if config.precompute_ref_log_probs:
+        plugin.precompute_attached_datasets(trainer)
+    counts = label_counts(trainer, plugin.data_reports)
+    log_summary(plugin, policy_path, counts)
+    if config.warn_guidance:
+        is_adapter = AdapterHost.of(trainer.accelerator.unwrap_model(trainer.model)) is not None
+        plugin.adviser.give(attach_advice(config, trainer, plugin.needs_kl, is_adapter, counts))
+
+
+def log_summary(plugin: KTOPlugin, policy_path: Any, counts: tuple[int, int] | None) -> None:
+    c = plugin.config
+    data = (
+        f"{counts[0]} desirable (weight {c.desirable_weight}) / {counts[1]} undesirable (weight "
+        f"{c.undesirable_weight})" if counts is not None else "label counts unknown"
+    )
+    third_party = [(n, src) for n, src in plugin.plugins.describe() if src != "built-in"]
+    logger.info(
+        "kto_plugin: attached: loss=%s beta=%s | reference: %s | KL pass: %s | %s | log-probs from %s%s | "
+        "%d third-party plugin(s)%s",
+        c.loss_type,
+        c.beta,
+        plugin.reference.describe(),
+        "on" if plugin.needs_kl else "off",
+        data,
+        policy_path.name,
+        f" ({policy_path.reason})" if policy_path.reason else "",
+        len(third_party),
+        (": " + ", ".join(f"{n} [{src}]" for n, src in third_party)) if third_party else "",
+    )
