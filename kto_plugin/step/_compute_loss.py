@@ -128,7 +128,7 @@ class KTOComputeLoss:
             # 2. the KL pass: the policy on (prompt i, completion of i's partner); not needed when the window's
             #    z0 applies or the loss has no KL term
             with_kl = self.needs_kl and not self.z0.uses_window(mode)
-            policy_kl = self.passes.policy_kl(model, policy_head, labels) if with_kl else None
+            policy_kl = self.passes.policy_kl(model, policy_head, labels, outputs) if with_kl else None
             # 3. the reference on both batches, switched in once
             reference = self.passes.reference_logps(trainer, labels, with_kl=with_kl)
             # 4. z0 (detached)

@@ -227,8 +227,14 @@ class LogpsPath:
     ) -> SequenceLogps:
         hidden_states = getattr(outputs, "hidden_states", None)
         if self.use_hidden and hidden_states is not None and lm_head is not None:
-            return logps_from_hidden(hidden_states[-1], lm_head, completion_labels, with_stats, self.ignore_index)
+            return self.from_hidden(hidden_states[-1], lm_head, completion_labels, with_stats)
         return logps_from_logits(outputs.logits, completion_labels, with_stats, self.ignore_index)
+
+    def from_hidden(
+        self, hidden: torch.Tensor, lm_head: nn.Module, completion_labels: torch.Tensor, with_stats: bool = False
+    ) -> SequenceLogps:
+        """Summed completion log-probs from final hidden states (B, T, H) whose position t scores label t + 1."""
+        return logps_from_hidden(hidden, lm_head, completion_labels, with_stats, self.ignore_index)
 
     def forward(
         self,

@@ -4,6 +4,10 @@
 * the reference on the target batch and, for losses with a KL term, on the KL batch: one switch into the
   reference per micro-batch (`ReferenceManager.activate`), or the precomputed log-probs the batch carries.
 
+Where the model and the batch allow it (`_shared_prompt`), each prompt is computed once per model: the policy's KL
+pass scores the KL completions against the Trainer's forward's cache of the prompts, and the reference runs the
+prompts once and scores both completion sets against them. Otherwise every pass runs full rows.
+
 Call them under `torch.no_grad()`; every result is a (B,) float32 tensor of summed completion log-probs.
 """
 
@@ -18,7 +22,11 @@ from ..data._collator import bits_as_float32
 from ..data._vision import vision_inputs
 from ..reference import ReferenceManager
 from ..reference._manager import lm_head_of
-from ._logprobs import LogpsPath
+from ._buckets import run_grouped
+from ._logprobs import LogpsPath, SequenceLogps
+from ._shared_prompt import (
+    OFF, PromptSharing, SharedLayout, fits_window, prompt_pass, prompt_state_of, score_completions,
+)
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -48,35 +56,70 @@ class Passes:
         self.loss_type = loss_type
         self.policy_path = LogpsPath(False)
         self.reference_path = LogpsPath(False)
+        # whether each model's passes compute each prompt once (`_shared_prompt.choose_sharing`, set at attach)
+        self.policy_sharing: PromptSharing = OFF
+        self.reference_sharing: PromptSharing = OFF
+        # whether the passes run their rows in groups of similar length (`_buckets.use_buckets`, set at attach)
+        self.bucketed = False
 
-    def policy_kl(self, model: Any, policy_head: Any, labels: Mapping[str, Any]) -> torch.Tensor:
-        """The policy's log-probs of the KL batch (prompt i, completion of its KL partner)."""
-        return self.policy_path.forward(
-            model, policy_head, labels["kl_input_ids"], labels["kl_attention_mask"], labels["kl_completion_labels"],
-            **model_inputs(labels, "kl_"),
-        ).logps
+    def policy_kl(
+        self, model: Any, policy_head: Any, labels: Mapping[str, Any], outputs: Any = None
+    ) -> torch.Tensor:
+        """The policy's log-probs of the KL batch (prompt i, completion of its KL partner). `outputs`: the Trainer's
+        forward of the target batch; where it holds the prompts' cache, only the KL completions are computed."""
+        sharing, path = self.policy_sharing, self.policy_path
+        layout = self._layout(labels, sharing, path) if outputs is not None else None
+        prompt = prompt_state_of(outputs, layout, sharing) if layout is not None else None
+        if prompt is not None:
+            return score_completions(model, policy_head, path, prompt, layout, layout.kl, sharing, self.bucketed).logps
+        return self._full_rows(model, policy_head, path, labels, "kl_")
 
     def reference_logps(
         self, trainer: Trainer, labels: Mapping[str, Any], with_kl: bool, with_target: bool = True
     ) -> ReferenceLogps:
         """The reference's log-probs of the target batch and (`with_kl`) the KL batch: precomputed when the batch
-        carries them, else a no-grad pass each inside one switch into the reference. The precompute pass calls
-        this too, so precomputed and live values come from the same code. `with_target=False` skips the target
-        batch (its entry is then None)."""
+        carries them, else no-grad passes inside one switch into the reference (the prompts once and each
+        completion set against them, or each batch in full). The precompute pass calls this too, so precomputed
+        and live values come from the same code. `with_target=False` skips the target batch (its entry is then
+        None)."""
         if "ref_logps_bits" in labels:
             target = bits_as_float32(labels["ref_logps_bits"]) if with_target else None
             return ReferenceLogps(target, self._precomputed_kl(labels, with_kl))
+        sharing, path = self.reference_sharing, self.reference_path
+        layout = self._layout(labels, sharing, path) if with_kl and with_target else None
         with self.reference.activate(trainer) as module:
             head = lm_head_of(trainer.accelerator.unwrap_model(module))
-            forward = self.reference_path.forward
-            kl = target = None
-            if with_kl:
-                kl = forward(module, head, labels["kl_input_ids"], labels["kl_attention_mask"],
-                             labels["kl_completion_labels"], **model_inputs(labels, "kl_")).logps
-            if with_target:
-                target = forward(module, head, labels["input_ids"], labels["attention_mask"],
-                                 labels["completion_labels"], **model_inputs(labels)).logps
+            if layout is not None:
+                prompt = prompt_pass(module, labels["input_ids"], layout, sharing, self.bucketed)
+                target = score_completions(module, head, path, prompt, layout, layout.target, sharing, self.bucketed)
+                kl = score_completions(module, head, path, prompt, layout, layout.kl, sharing, self.bucketed)
+                return ReferenceLogps(target.logps, kl.logps)
+            kl = self._full_rows(module, head, path, labels, "kl_") if with_kl else None
+            target = self._full_rows(module, head, path, labels) if with_target else None
         return ReferenceLogps(target, kl)
+
+    def _layout(self, labels: Mapping[str, Any], sharing: PromptSharing, path: LogpsPath) -> SharedLayout | None:
+        """The batch cut into prompts and completions, or None where its passes run full rows."""
+        if not sharing.on or "kl_input_ids" not in labels or model_inputs(labels):
+            return None
+        layout = SharedLayout.of(labels, path.ignore_index)
+        return layout if layout is not None and fits_window(layout, sharing) else None
+
+    def _full_rows(
+        self, module: Any, head: Any, path: LogpsPath, labels: Mapping[str, Any], prefix: str = ""
+    ) -> torch.Tensor:
+        """`module`'s log-probs of the target batch (`prefix` "") or the KL batch ("kl_"), full rows (right-padded,
+        so a group of rows is cut to its longest)."""
+        ids, mask = labels[f"{prefix}input_ids"], labels[f"{prefix}attention_mask"]
+        completion_labels = labels[f"{prefix}completion_labels"]
+        extra = model_inputs(labels, prefix)
+        if extra:  # decoder or image inputs: one call over the whole batch
+            return path.forward(module, head, ids, mask, completion_labels, **extra).logps
+
+        def run(rows: torch.Tensor | slice, width: int) -> SequenceLogps:
+            return path.forward(module, head, ids[rows, :width], mask[rows, :width], completion_labels[rows, :width])
+
+        return run_grouped(mask.sum(1), self.bucketed, run).logps
 
     def _precomputed_kl(self, labels: Mapping[str, Any], with_kl: bool) -> torch.Tensor | None:
         if not with_kl:

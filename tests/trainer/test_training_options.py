@@ -36,7 +36,7 @@ def test_checkpointing_covers_the_policy_forward_with_grad_only(base_model, toke
     policy = copy.deepcopy(base_model)
     policy.activation_checkpointing_enable()  # before attach: the frozen-copy reference inherits the flag
     kto, trainer = kto_trainer(policy, tokenizer, rows, tmp_path, max_steps=1, optim="sgd", learning_rate=1.0,
-                               gradient_checkpointing=True)
+                               gradient_checkpointing=True, kto_kwargs={"length_buckets": "off"})
     kto.attach(trainer)
     graphs = {"policy": [], "reference": []}  # does each forward's output carry an autograd graph?
     for role, module in (("policy", trainer.model), ("reference", kto.reference.ref_model)):
@@ -47,7 +47,9 @@ def test_checkpointing_covers_the_policy_forward_with_grad_only(base_model, toke
     policy_layers = set(map(id, trainer.model.model.layers))
     assert len(checkpointed) == len(policy_layers) == 2  # each policy layer once: the target forward
     assert all(id(layer) in policy_layers and grad for layer, grad in checkpointed)
-    assert graphs == {"policy": [True, False], "reference": [False, False]}  # target, KL; reference target, KL
+    # the policy: target, KL (full rows: a checkpointed forward keeps no cache); the reference: its prompts, then
+    # the target and the KL completions against them
+    assert graphs == {"policy": [True, False], "reference": [False, False, False]}
 
     # and checkpointing does not change the step
     kto_plain, plain = kto_trainer(copy.deepcopy(base_model), tokenizer, rows, tmp_path, max_steps=1, optim="sgd",
