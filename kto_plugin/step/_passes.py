@@ -91,9 +91,9 @@ class Passes:
             head = lm_head_of(trainer.accelerator.unwrap_model(module))
             if layout is not None:
                 prompt = prompt_pass(module, labels["input_ids"], layout, sharing, self.bucketed)
-                target = score_completions(module, head, path, prompt, layout, layout.target, sharing, self.bucketed)
-                kl = score_completions(module, head, path, prompt, layout, layout.kl, sharing, self.bucketed)
-                return ReferenceLogps(target.logps, kl.logps)
+                both = score_completions(module, head, path, prompt, layout, layout.completions, sharing, self.bucketed)
+                target, kl = both.logps.chunk(2)
+                return ReferenceLogps(target, kl)
             kl = self._full_rows(module, head, path, labels, "kl_") if with_kl else None
             target = self._full_rows(module, head, path, labels) if with_target else None
         return ReferenceLogps(target, kl)

@@ -7,9 +7,9 @@ both rows.
 * The policy: the Trainer's own forward of the target batch runs with ``use_cache=True`` and so returns the keys
   and values of every position; the KL pass runs the KL completions only, against the prompt part of that cache
   (detached: the KL term carries no gradient).
-* The reference: one pass over the prompts, then the target completions and the KL completions, each against
-  the prompts' cache. Two passes over 2B rows of prompt + completion become one over B prompts and two over B
-  completions.
+* The reference: one pass over the prompts, then one over the target and the KL completions together (2B rows),
+  against the prompts' cache. Two passes over 2B rows of prompt + completion become one over B prompts and one
+  over 2B completions.
 
 Layout. Batches are right-padded, so row i's prompt fills positions ``0 .. P_i - 1`` of the cache and positions
 ``P_i ..`` of the cache hold row i's own completion and padding (or nothing). Completion token j of row i gets
@@ -125,16 +125,20 @@ def choose_sharing(
 
 
 class CompletionPart(NamedTuple):
-    """One batch's completions, cut out of its rows and right-padded.
+    """Completions cut out of their rows and right-padded, each continuing the prompt `prompt_rows` names.
 
-    `labels` is (B, 1 + C): column 0 is never scored, column j + 1 is completion token j (`ignore_index` on padding,
+    `labels` is (R, 1 + C): column 0 is never scored, column j + 1 is completion token j (`ignore_index` on padding,
     and on token 0 of a row with an empty prompt), so hidden states ``[last prompt position, completion positions]``
     score it as the log-prob code scores a full row (position t scores label t + 1).
     """
 
-    input_ids: torch.Tensor  # (B, C)
-    attention_mask: torch.Tensor  # (B, C)
-    labels: torch.Tensor  # (B, 1 + C)
+    input_ids: torch.Tensor  # (R, C)
+    attention_mask: torch.Tensor  # (R, C)
+    labels: torch.Tensor  # (R, 1 + C)
+    prompt_rows: torch.Tensor  # (R,) the row of the prompt each completion follows
+
+    def rows(self, index: slice) -> CompletionPart:
+        return CompletionPart(*(t[index] for t in self))
 
 
 def _prompt_lengths(completion_labels: torch.Tensor, attention_mask: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -154,17 +158,25 @@ def _completion_part(
     if width:
         labels[:, 0] = labels[:, 0].masked_fill(prompt_lengths == 0, ignore_index)
     labels = torch.cat([labels.new_full((labels.shape[0], 1), ignore_index), labels], 1)
-    return CompletionPart(input_ids.gather(1, index), valid.to(attention_mask.dtype), labels)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    return CompletionPart(input_ids.gather(1, index), valid.to(attention_mask.dtype), labels, rows)
 
 
 class SharedLayout(NamedTuple):
-    """A micro-batch cut into its prompts and its two completion sets (target and KL)."""
+    """A micro-batch cut into its B prompts and its 2B completions: the target batch's, then the KL batch's."""
 
     prompt_lengths: torch.Tensor  # (B,) P_i
     width: int  # the longest prompt: every cache is cut to it
-    target: CompletionPart
-    kl: CompletionPart
+    completions: CompletionPart  # 2B rows: row i is completion i, row B + i the completion of i's KL partner
     longest_row: int  # the most key/value slots any pass of this batch attends over (full or shared)
+
+    @property
+    def target(self) -> CompletionPart:
+        return self.completions.rows(slice(None, len(self.prompt_lengths)))
+
+    @property
+    def kl(self) -> CompletionPart:
+        return self.completions.rows(slice(len(self.prompt_lengths), None))
 
     @classmethod
     def of(cls, labels: Any, ignore_index: int) -> SharedLayout | None:
@@ -175,19 +187,19 @@ class SharedLayout(NamedTuple):
         lengths = _prompt_lengths(comp, mask, ignore_index)
         if not torch.equal(lengths, _prompt_lengths(kl_comp, kl_mask, ignore_index)):
             return None
-        width, target_width, kl_width = torch.stack(
-            [lengths.max(), (mask.sum(1) - lengths).max(), (kl_mask.sum(1) - lengths).max()]
+        width, completion_width = torch.stack(
+            [lengths.max(), torch.maximum(mask.sum(1), kl_mask.sum(1)).sub(lengths).max()]
         ).tolist()
         if width == 0:
             return None
         in_prompt = torch.arange(width, device=ids.device) < lengths[:, None]
         if not bool(((ids[:, :width] == kl_ids[:, :width]) | ~in_prompt).all()):
             return None
+        target = _completion_part(ids, mask, comp, lengths, completion_width, ignore_index)
+        kl = _completion_part(kl_ids, kl_mask, kl_comp, lengths, completion_width, ignore_index)
         return cls(
-            lengths, width,
-            _completion_part(ids, mask, comp, lengths, target_width, ignore_index),
-            _completion_part(kl_ids, kl_mask, kl_comp, lengths, kl_width, ignore_index),
-            max(ids.shape[1], kl_ids.shape[1], width + max(target_width, kl_width)),
+            lengths, width, CompletionPart(*(torch.cat(pair) for pair in zip(target, kl, strict=True))),
+            max(ids.shape[1], kl_ids.shape[1], width + completion_width),
         )
 
 
@@ -279,29 +291,29 @@ def score_completions(
     module: nn.Module, lm_head: nn.Module, path: LogpsPath, prompt: PromptState, layout: SharedLayout,
     part: CompletionPart, sharing: PromptSharing, bucketed: bool = False,
 ) -> SequenceLogps:
-    """Summed log-probs of `part`'s completions, each after its row's prompt: `module` runs over the completion
-    tokens only, against a copy of the prompts' cache (the model appends to it), in groups of similar completion
-    length when `bucketed`. Call under no_grad."""
+    """Summed log-probs of `part`'s completions, each after its prompt: `module` runs over the completion tokens
+    only, against the prompts' cache (copied: the model appends to it), in groups of similar completion length when
+    `bucketed`. Call under no_grad."""
     from transformers import DynamicCache
 
     def run(rows: torch.Tensor | slice, width: int) -> SequenceLogps:
-        prompt_lengths = layout.prompt_lengths[rows]
+        prompt_rows = part.prompt_rows[rows]
+        prompt_lengths = layout.prompt_lengths[prompt_rows]
         if width == 0:  # no completion token left in these rows (a prompt filling max_length)
-            zeros = prompt.last_hidden.new_zeros(prompt_lengths.shape[0], dtype=torch.float32)
+            zeros = prompt.last_hidden.new_zeros(prompt_rows.shape[0], dtype=torch.float32)
             return SequenceLogps(zeros, zeros.clone())
         # the group's longest prompt (at least one slot: an empty prompt's slot is masked out)
         prompt_width = max(int(prompt_lengths.max()), 1)
-        cache = DynamicCache(ddp_cache_data=[(k[rows, :, :prompt_width], v[rows, :, :prompt_width])
+        cache = DynamicCache(ddp_cache_data=[(k[prompt_rows, :, :prompt_width], v[prompt_rows, :, :prompt_width])
                                              for k, v in prompt.layers])
-        offsets = torch.arange(width, device=prompt_lengths.device)
         outputs = module(
             input_ids=part.input_ids[rows, :width],
             attention_mask=torch.cat([_prompt_mask(prompt_lengths, prompt_width), part.attention_mask[rows, :width]], 1),
-            position_ids=prompt_lengths[:, None] + offsets, **{sharing.cache_kwarg: cache}, use_cache=True,
-            output_hidden_states=True, logits_to_keep=1,
+            position_ids=prompt_lengths[:, None] + torch.arange(width, device=prompt_lengths.device),
+            **{sharing.cache_kwarg: cache}, use_cache=True, output_hidden_states=True, logits_to_keep=1,
         )
         completion_hidden = outputs.hidden_states[-1]
-        first = prompt.last_hidden[rows][:, None].to(completion_hidden.dtype)
+        first = prompt.last_hidden[prompt_rows][:, None].to(completion_hidden.dtype)
         return path.from_hidden(torch.cat([first, completion_hidden], 1), lm_head, part.labels[rows, : 1 + width])
 
     return run_grouped(part.attention_mask.sum(1), bucketed, run)

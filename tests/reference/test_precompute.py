@@ -260,8 +260,8 @@ def test_precompute_ref_batch_size_is_honoured(
     handle.remove()
     n = len(trainer.train_dataset)
     sizes = [expected] * (n // expected) + ([n % expected] if n % expected else [])
-    # per batch: the prompts, then the target and the KL completions against them (rows not split by length)
-    assert seen == [s for s in sizes for _ in range(3)]
+    # per batch: the prompts, then the target and the KL completions together (rows not split by length)
+    assert seen == [n for s in sizes for n in (s, 2 * s)]
 
 
 def test_no_reference_model_is_created_or_kept(model, tokenizer, rows, tmp_path, cache_dir):
