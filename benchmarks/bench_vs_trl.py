@@ -130,6 +130,7 @@ def worker(side: str, steps: int, warmup: int, threads: int, vocab: int, shape: 
     print(json.dumps({
         "side": side,
         "s_per_step": common.median_after_warmup(timer.times, warmup),
+        "cpu_s_per_step": common.median_after_warmup(timer.cpu_times, warmup),
         "peak_rss_mb": common.peak_rss_mb(),
         "rss_before_train_mb": rss_before,
         "losses": losses,
@@ -161,12 +162,13 @@ def main() -> None:
         for side in order:
             results[side].append(common.run_side(__file__, side, passthrough))
             r = results[side][-1]
-            print(f"  round {rep + 1} {side:14s} {r['s_per_step']:.3f} s/step  {r['peak_rss_mb']:.0f} MB  "
-                  f"load {r['load_average']:.1f}", flush=True)
+            print(f"  round {rep + 1} {side:14s} {r['s_per_step']:.3f} s/step  {r['cpu_s_per_step']:.3f} CPU s/step  "
+                  f"{r['peak_rss_mb']:.0f} MB  load {r['load_average']:.1f}", flush=True)
 
     summary = {
         s: {
             "s_per_step": statistics.median(r["s_per_step"] for r in rs),
+            "cpu_s_per_step": statistics.median(r["cpu_s_per_step"] for r in rs),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
             "losses": rs[0]["losses"],
         }
@@ -178,18 +180,22 @@ def main() -> None:
           f"{common.head_share(opts.shape, opts.vocab):.0%} of a forward's multiply-adds per token), batch "
           f"{common.BATCH}, ~300-token dialogues, {opts.threads} threads, median of {opts.repeats} runs x "
           f"{opts.steps} steps after {opts.warmup} warm-up steps\n")
-    print("| side | s/step | peak RSS (MB) | time vs plain | RSS vs plain | time vs TRL | RSS vs TRL |")
-    print("|---|---|---|---|---|---|---|")
+    print("| side | s/step | CPU s/step | peak RSS (MB) | time vs plain | CPU time vs plain | RSS vs plain | "
+          "time vs TRL | CPU time vs TRL | RSS vs TRL |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for s, v in summary.items():
         def ratio(key, base):
             return f"{v[key] / summary[base][key]:.2f}x" if base in summary else "-"
-        print(f"| {s} | {v['s_per_step']:.3f} | {v['peak_rss_mb']:.0f} | {ratio('s_per_step', 'plain')} | "
-              f"{ratio('peak_rss_mb', 'plain')} | {ratio('s_per_step', 'trl')} | {ratio('peak_rss_mb', 'trl')} |")
+        print(f"| {s} | {v['s_per_step']:.3f} | {v['cpu_s_per_step']:.3f} | {v['peak_rss_mb']:.0f} | "
+              f"{ratio('s_per_step', 'plain')} | {ratio('cpu_s_per_step', 'plain')} | {ratio('peak_rss_mb', 'plain')} | "
+              f"{ratio('s_per_step', 'trl')} | {ratio('cpu_s_per_step', 'trl')} | {ratio('peak_rss_mb', 'trl')} |")
     loads = [r["load_average"] for rs in results.values() for r in rs]
     print(f"\n1-minute load average during the runs (2 cores): {min(loads):.1f} to {max(loads):.1f}")
     if "kto_full_rows" in summary and "kto_plugin" in summary:
-        ratio = summary["kto_plugin"]["s_per_step"] / summary["kto_full_rows"]["s_per_step"]
-        print(f"kto_plugin vs kto_full_rows (prompts once, length groups vs full rows): {ratio:.2f}x the time")
+        full, ours = summary["kto_full_rows"], summary["kto_plugin"]
+        print(f"kto_plugin vs kto_full_rows (prompts once, length groups vs full rows): "
+              f"{ours['s_per_step'] / full['s_per_step']:.2f}x the time, "
+              f"{ours['cpu_s_per_step'] / full['cpu_s_per_step']:.2f}x the CPU time")
     if "trl" in summary and "kto_plugin" in summary:
         diffs = [abs(a - b) for a, b in zip(summary["trl"]["losses"], summary["kto_plugin"]["losses"])]
         print(f"\nlogged losses, kto_plugin vs TRL: max abs difference {max(diffs):.2e} over {len(diffs)} steps")
