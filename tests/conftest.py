@@ -25,7 +25,8 @@ torch.set_num_threads(1)
 
 # The Trainer integration, also run by .ci/run in a second environment at the lowest versions pyproject.toml
 # accepts (.ci/floor-constraints.txt) as `pytest -m floor`. Module basenames, so that the selection survives
-# moving a file into a sub-directory; a test that uses TRL (the oracle, which needs newer versions) is left out.
+# moving a file into a sub-directory (a name that matches no module fails `-m floor`: rename it with the file);
+# a test that uses TRL (the oracle, which needs newer versions) is left out.
 FLOOR_MODULES = (
     "test_compat",
     "test_compute_loss",
@@ -86,13 +87,19 @@ def pytest_ignore_collect(collection_path, config):
 
 
 def pytest_collection_modifyitems(config, items):
+    found = set()
     for item in items:
         module = getattr(item, "module", None)
         if module is None or module.__name__.rpartition(".")[2] not in FLOOR_MODULES:
             continue
+        found.add(module.__name__.rpartition(".")[2])
         fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
         if not any(_function_uses_trl(f) for f in [item.function, *fixtures]):
             item.add_marker(pytest.mark.floor)
+    missing = sorted(set(FLOOR_MODULES) - found)
+    if config.getoption("markexpr") == "floor" and not config.option.file_or_dir and missing:
+        # a renamed module would otherwise drop out of the floor run silently
+        raise pytest.UsageError(f"FLOOR_MODULES in tests/conftest.py names modules that do not exist: {missing}")
 
 
 @pytest.fixture(autouse=True)
