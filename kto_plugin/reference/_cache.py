@@ -124,7 +124,6 @@ def _ignored(path: str, why: str) -> None:
         KTOPluginWarning,
         stacklevel=3,
     )
-    return None
 
 
 def _remove_stale_temporaries(directory: str, key: str) -> None:

@@ -39,9 +39,9 @@ def checkpoint_problem(folder: str) -> str | None:
         return f"its {TRAINER_STATE_NAME} does not read ({err})"
     callbacks = state.get("stateful_callbacks") if isinstance(state, dict) else None
     saved = callbacks.get("kto_plugin") if isinstance(callbacks, dict) else None
-    if isinstance(saved, dict) and saved.get("sync_ref_model"):
-        if not os.path.isfile(os.path.join(folder, REFERENCE_WEIGHTS_NAME)):
-            return f"it was written with KTOConfig(sync_ref_model=True) but has no {REFERENCE_WEIGHTS_NAME}"
+    synced = isinstance(saved, dict) and saved.get("sync_ref_model")
+    if synced and not os.path.isfile(os.path.join(folder, REFERENCE_WEIGHTS_NAME)):
+        return f"it was written with KTOConfig(sync_ref_model=True) but has no {REFERENCE_WEIGHTS_NAME}"
     return None
 
 

@@ -93,7 +93,7 @@ def skip() -> None:
 
 
 def raise_on_both() -> None:
-    kto, trainer, ds, weights, seen = setup("raise")
+    _, trainer, ds, weights, seen = setup("raise")
     rank = dist.get_rank()
     try:
         trainer.train()

@@ -17,7 +17,6 @@ import time
 from datetime import timedelta
 
 import torch.distributed as dist
-
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kto_plugin import KTOConfig, KTOPlugin
