@@ -68,6 +68,6 @@ def stream_hint(name: str) -> str:
     """What to add to a malformed row's error when the row came from a stream, read during training."""
     return (
         f"(This row was read from the streamed {name} dataset while training: rows are numbered from the start of "
-        "the stream. The last checkpoint saved before it is complete. To leave such rows out and count them in "
-        f"kto.data_reports[{name!r}], set KTOConfig(on_bad_row='skip') and resume from that checkpoint.)"
+        "the stream. Checkpoints saved before it are complete. To leave such rows out and count them in "
+        f"kto.data_reports[{name!r}], set KTOConfig(on_bad_row='skip') and resume from the last checkpoint.)"
     )
