@@ -390,7 +390,8 @@ def stream_run(base_model, tokenizer, out, on_bad_row, max_steps=6):
 
 
 def test_a_malformed_row_5000_of_a_stream_stops_the_run_or_is_skipped(base_model, tokenizer, tmp_path):
-    """The stream is prepared as the Trainer reads it: row 5000 is met while fetching step 6's batch (a batch ahead).
+    """The stream is prepared as the Trainer reads it: row 5000 opens step 6's batch, which accelerate fetches a batch
+    ahead, so the run stops after step 4 (and its checkpoint).
     "raise": the error names the row and the streamed dataset, and checkpoint-4 is complete. Resumed from it with
     on_bad_row="skip", the run ends as a run that skipped the row from the start, and the report counts it."""
     out = tmp_path / "run"
