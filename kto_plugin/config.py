@@ -14,6 +14,7 @@ TRUNCATION_MODES = ("keep_start", "keep_end")
 PEFT_REFERENCES = ("auto", "initial_adapter", "base")
 KL_ESTIMATES = ("batch", "window")
 NONFINITE_POLICIES = ("warn", "raise", "skip")
+BAD_ROW_POLICIES = ("raise", "skip")
 
 PAIRED_ORDERS = ("trl", "interleaved")
 
@@ -119,6 +120,16 @@ class KTOConfig:
     dataset_num_proc: int | None = field(
         default=None,
         metadata={"help": "Processes for dataset preparation (`datasets.map(num_proc=...)`)."},
+    )
+    on_bad_row: str = field(
+        default="raise",
+        metadata={
+            "help": "What a malformed text row (None or empty text, a label that is not a bool, mixed formats, a "
+            "completion with no token) does in prepare_dataset, also when a stream is read during training: 'raise' "
+            "(a ValueError naming the row and the dataset) or 'skip' (left out, counted in "
+            "kto.data_reports[name].skipped_bad_rows with the first rows and reason, and logged).",
+            "choices": list(BAD_ROW_POLICIES),
+        },
     )
 
     # --- reference model ---
@@ -329,6 +340,8 @@ class KTOConfig:
             raise ValueError(
                 f"KTOConfig.on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}."
             )
+        if self.on_bad_row not in BAD_ROW_POLICIES:
+            raise ValueError(f"KTOConfig.on_bad_row must be one of {BAD_ROW_POLICIES}, got {self.on_bad_row!r}.")
         for name in ("generate_num_prompts", "generate_max_new_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -166,7 +166,7 @@ class KTOPlugin:
         prepared, report = Preparer(self.tokenizer, self.config, self.processor)(data, name)
         self.data_reports[name] = report
         noteworthy = (report.dropped_prompt_too_long or report.truncated or report.prompt_truncated
-                      or report.completion_limited or report.balance)
+                      or report.completion_limited or report.balance or report.skipped_bad_rows)
         logger.log(logging.WARNING if noteworthy else logging.INFO, "kto_plugin: prepared %s", report.summary())
         return prepared
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainingArguments
 
 from kto_plugin import KTOConfig, KTOPlugin
@@ -39,3 +40,46 @@ def kto_trainer(model, tokenizer, rows, tmp_path, kto_kwargs=None, trainer_cls=T
         data_collator=kto.collator,
     )
     return kto, trainer
+
+
+# --- runs compared step by step (exact resume, faults) ---
+
+KTO_KEYS = (
+    "kl",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "num_tokens",
+)
+
+
+def train_run(model, tokenizer, rows, out, resume=None, kto_kwargs=None, **overrides):
+    """Attach and train (4 steps, a checkpoint every 2, random sampler); returns (plugin, trainer)."""
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, logging_steps=1,
+              train_sampling_strategy="random", save_only_model=False)
+    kw.update(overrides)
+    kto, trainer = kto_trainer(model, tokenizer, rows, out, kto_kwargs=kto_kwargs, **kw)
+    kto.attach(trainer)
+    trainer.train(resume_from_checkpoint=resume)
+    return kto, trainer
+
+
+def logged(trainer, steps, keys):
+    """{step: {key: value}} of the KTO training logs at `steps`."""
+    out = {}
+    for entry in trainer.state.log_history:
+        if entry.get("step") in steps and "kl" in entry:
+            out[entry["step"]] = {k: entry[k] for k in keys if k in entry}
+    return out
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, f"weights differ after resume: {different[:5]}"

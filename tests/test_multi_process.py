@@ -156,10 +156,13 @@ def test_fsdp2_reference_prepared_sharded_frozen_and_exact():
 
 def test_nonfinite_on_one_rank_is_reported_and_skipped_on_both():
     """`on_nonfinite="skip"`: a NaN row that only rank 1 trains on is reported on both ranks with its row index
-    and drops step 2's update on both, so the ranks stay identical (`tests/scripts/nonfinite_two_process.py`)."""
+    and drops step 2's update on both, so the ranks stay identical. `on_nonfinite="raise"`: both ranks raise in
+    step 2 with the same message and stay in step (a barrier after it passes), within the subprocess timeout: nothing
+    hangs (`tests/scripts/nonfinite_two_process.py`)."""
     script = ROOT / "tests" / "scripts" / "nonfinite_two_process.py"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "KTO_PLUGIN_DISABLE_AUTOLOAD": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "NONFINITE-OK" in proc.stdout
+    assert "NONFINITE-RAISE-OK" in proc.stdout

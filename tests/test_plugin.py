@@ -354,11 +354,15 @@ def test_an_attached_trainer_pickles_and_the_copy_trains_and_detaches(model, tok
     assert copy_.compute_loss_func is None
 
 
-def test_train_is_wrapped_only_for_sync_ref_model(model, tokenizer, rows, tmp_path):
+def test_by_default_only_train_is_wrapped(model, tokenizer, rows, tmp_path):
+    """`train` always (it resumes from the last complete checkpoint, `kto_plugin.trainer`); the other methods
+    only when a setting needs them. `detach` removes the instance attribute again."""
     kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path)
     kto.attach(trainer)
-    assert "train" not in vars(trainer)
+    assert "train" in vars(trainer)
     assert "get_batch_samples" not in vars(trainer) and "training_step" not in vars(trainer)
+    kto.detach()
+    assert "train" not in vars(trainer)
 
 
 def test_a_wrapped_method_with_another_signature_is_refused_at_attach(model, tokenizer, rows, tmp_path):

@@ -34,6 +34,10 @@ class DataReport:
     completion_limited: int = 0  # completions cut to max_completion_length at preparation
     prompt_boundary_mismatch: int = 0  # tokenized prompt not a prefix of prompt+completion
     balance: str | None = None  # the paper's eq. 8 advice when desirable/undesirable are out of balance
+    # on_bad_row="skip" (`kto_plugin.data._bad_rows`): malformed input rows left out
+    skipped_bad_rows: int = 0
+    bad_rows: list[int] = field(default_factory=list)  # their input row indices (pairs for paired), first 10
+    first_bad_row: str | None = None  # why the first one was refused
 
     def summary(self) -> str:
         kind = f"{'conversational ' if self.conversational else ''}{self.format}"
@@ -65,6 +69,11 @@ class DataReport:
             )
         if self.balance:
             parts.append(self.balance)
+        if self.skipped_bad_rows:
+            parts.append(
+                f"{self.skipped_bad_rows} malformed input rows skipped (on_bad_row='skip'; rows {self.bad_rows}"
+                f"{', ...' if self.skipped_bad_rows > len(self.bad_rows) else ''}), the first: {self.first_bad_row}"
+            )
         return "; ".join(parts)
 
 

@@ -24,7 +24,10 @@ itself, which is no mismatch).
 **Cache.** The three columns (as partner indices) are stored under ``precompute_cache_dir``, keyed by a
 content hash of the dataset's token columns, a hash of the reference's weights, the reference mode and the
 settings that change the values (max_length, truncation, KL group size, mixed precision, log-prob path). A
-second run with the same key loads them and says so in the log.
+second run with the same key loads them and says so in the log. The pass keeps its results in memory and writes
+the file once, atomically, at its end (`kto_plugin.reference._cache`): a run killed during the pass or the write
+leaves no file under the key, and the next run computes the values again; a damaged file is ignored, with a
+warning, and replaced.
 """
 
 from __future__ import annotations
@@ -248,7 +251,8 @@ class ReferencePrecomputer:
             logger.info(
                 "kto_plugin: reference weights are sharded, so the log-prob cache is off for %s", name
             )
-        arrays = [self.cache.load(key, num_rows) if key and accelerator.is_main_process else None]
+        required = ("ref_logps", "ref_kl_logps", "kl_partner") if partners is not None else ("ref_logps",)
+        arrays = [self.cache.load(key, num_rows, required) if key and accelerator.is_main_process else None]
         if accelerator.num_processes > 1:
             broadcast_object_list(arrays, from_process=0)
         arrays = arrays[0]
@@ -275,9 +279,9 @@ class ReferencePrecomputer:
             if partners is not None:
                 arrays["kl_partner"] = partners
             self.last_source[name] = "computed"
-            where = ""
+            saved = None
             if key and accelerator.is_main_process:
-                where = " and cached at " + self.cache.save(
+                saved = self.cache.save(
                     key,
                     arrays,
                     {
@@ -295,7 +299,7 @@ class ReferencePrecomputer:
                 num_rows,
                 batch_size,
                 time.perf_counter() - started,
-                where,
+                f" and cached at {saved}" if saved else "",
             )
         out = dataset.add_column("ref_logps", arrays["ref_logps"].astype(np.float32))
         if partners is not None:

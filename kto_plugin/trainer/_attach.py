@@ -109,9 +109,17 @@ def install(plugin: KTOPlugin, trainer: Trainer, policy_path: LogpsPath) -> None
             trainer, plugin.reference, plugin.tokenizer, config.generate_num_prompts, config.generate_max_new_tokens
         )
         ledger.add_callback(trainer, generation, index=1)
-    # last: its on_log stores the accumulator after the metrics callback has taken the interval's values
+    if config.sync_ref_model:
+        sync = ReferenceSyncCallback(
+            trainer, plugin.reference, config.ref_model_mixup_alpha, config.ref_model_sync_steps
+        )
+        ledger.add_callback(trainer, sync)  # after the optimizer step, as TRL's
+    # last: its on_log stores the accumulator after the metrics callback has taken the interval's values, and its
+    # on_step_end saves the synced reference after the sync callback's update
     resume = ResumeCallback(plugin)
     ledger.add_callback(trainer, resume)
+    # resolves resume_from_checkpoint to a complete checkpoint, and tells the callback which one it is
+    ledger.wrap(trainer, "train", RecordCheckpointTrain, trainer, resume)
     if config.on_nonfinite == "skip":
         ledger.add_callback(trainer, NonFiniteSkipCallback(plugin.nonfinite), index=0)
     if config.kl_estimate == "window" and plugin.needs_kl:
@@ -119,13 +127,6 @@ def install(plugin: KTOPlugin, trainer: Trainer, policy_path: LogpsPath) -> None
     if config.activation_offloading:
         plugin.activation_offloader = ActivationOffloader()
         ledger.wrap(trainer, "training_step", OffloadingTrainingStep, trainer, plugin.activation_offloader)
-    if config.sync_ref_model:
-        sync = ReferenceSyncCallback(
-            trainer, plugin.reference, config.ref_model_mixup_alpha, config.ref_model_sync_steps
-        )
-        ledger.add_callback(trainer, sync)  # after the optimizer step, as TRL's
-        # only the synced reference needs to know the checkpoint a resumed run starts from
-        ledger.wrap(trainer, "train", RecordCheckpointTrain, trainer, resume)
     install_liger(plugin, trainer)
     install_eval_predictions(plugin, trainer)
     install_model_init(plugin, trainer)
