@@ -12,12 +12,13 @@ manager and the built-in losses), `trainer/` (attach/detach through one ledger, 
 from ._version import __version__
 from .config import KTOConfig
 from .data import KTOCollator, KTOLabels
-from .errors import KTOPluginWarning, NonFiniteLossError, PluginError, PluginValidationError
+from .errors import DataError, KTOPluginWarning, NonFiniteLossError, PluginError, PluginValidationError
 from .hooks import KTOPluginManager
 from .hookspecs import hookimpl, hookspec
 from .plugin import KTOPlugin
 
 __all__ = [
+    "DataError",
     "KTOCollator",
     "KTOConfig",
     "KTOLabels",

@@ -258,7 +258,7 @@ def test_truncation_coherent_with_the_collator(rows, tokenizer):
 @pytest.mark.parametrize(
     "columns,match",
     [
-        (("prompt", "completions", "label"), r"no 'completion' column.*Did you mean 'completions'.*rename_column"),
+        (("prompt", "completions", "label"), r"no 'completion' column.*Did you mean 'completions'.*Rename it"),
         (("prompt", "completion"), r"no 'label' column"),
         (("prompt", "chosen", "rejcted"), r"no 'rejected' column.*Did you mean 'rejcted'"),
         (("prompt", "chosen_response", "rejected_response"), r"no 'chosen' column.*Did you mean 'chosen_response'"),
@@ -279,7 +279,7 @@ def test_missing_column_suggests_the_closest(tokenizer, columns, match):
         ({"label": "yes"}, r"train dataset, row 2: 'label' is 'yes' \(str\); it must be a bool.*Convert"),
         ({"label": 1.0}, r"row 2: 'label' is 1.0 \(float\)"),
         ({"label": [True, False]}, r"row 2: 'label' is \[True, False\].*holds 2 values.*dict of lists"),
-        ({"completion": ""}, r"row 2: 'completion' is ''.*filter"),
+        ({"completion": ""}, r"row 2: 'completion' is ''.*Filter"),
         ({"prompt": None}, r"row 2: 'prompt' is None"),
         ({"completion": [{"role": "assistant", "content": "x"}]}, r"row 2: 'completion' is conversational but row 0"),
     ],
