@@ -50,7 +50,7 @@ def run(command: Callable[[list[str]], int], argv: list[str], prog: str) -> int:
     """`command(argv)`; an error becomes one line on stderr and exit status 1 (2 for a usage error)."""
     try:
         return command(argv)
-    except Exception as err:  # noqa: BLE001 -- every error a user can meet, as one line
+    except Exception as err:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)

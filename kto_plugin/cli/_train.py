@@ -7,7 +7,6 @@ import logging
 import os
 from typing import Any
 
-from ._errors import CLIError, check_local_path, check_tokenizer, data_source, named_source
 from ._args import (
     DEMO_DEFAULTS,
     _apply_demo_defaults,
@@ -16,6 +15,7 @@ from ._args import (
     load_data,
     parse_train_args,
 )
+from ._errors import CLIError, check_local_path, check_tokenizer, data_source, named_source
 
 logger = logging.getLogger("kto_plugin")
 

@@ -68,9 +68,9 @@ def label_fix(values: Iterable[Any], list_input: bool) -> tuple[str, str]:
     elif all(_is_number(v) for v in seen):
         threshold = (min(seen) + max(seen)) / 2
         expr = f"r['label'] >= {threshold:g}"
-        return (_python_fix(expr, list_input, f"desirable from {threshold:g} up: choose your own threshold"),
-                f"In the data file write each label as true (desirable) or false (undesirable), e.g. true where it "
-                f"is >= {threshold:g} {_FILE_SYNTAX}.")
+        file_fix = (f"In the data file write each label as true (desirable) or false (undesirable), e.g. true "
+                    f"where it is >= {threshold:g} {_FILE_SYNTAX}.")
+        return _python_fix(expr, list_input, f"desirable from {threshold:g} up: choose your own threshold"), file_fix
     else:
         listed = keys[:_MAX_LISTED]
         mapping = {k: k not in UNDESIRABLE for k in listed}
@@ -79,9 +79,8 @@ def label_fix(values: Iterable[Any], list_input: bool) -> tuple[str, str]:
     mapping = {**mapping, "true": True, "false": False}
     expr = "{" + ", ".join(f"{k!r}: {v}" for k, v in mapping.items()) + "}[str(r['label']).strip().lower()]"
     arrows = ", ".join(f"{v!r} -> {str(mapping[_key(v)]).lower()}" for v in seen[:_MAX_LISTED] if _key(v) in mapping)
-    return (_python_fix(expr, list_input, note),
-            f"In the data file write each label as true (desirable) or false (undesirable): {arrows} "
-            f"{_FILE_SYNTAX}.")
+    file_fix = f"In the data file write each label as true (desirable) or false (undesirable): {arrows} {_FILE_SYNTAX}."
+    return _python_fix(expr, list_input, note), file_fix
 
 
 def _python_fix(expr: str, list_input: bool, note: str) -> str:

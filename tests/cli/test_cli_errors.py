@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from kto_plugin.cli import main, parse_train_args
-from kto_plugin.cli._train import check_sources
 from kto_plugin.cli._errors import TRACEBACK_ENV, one_line, run
+from kto_plugin.cli._train import check_sources
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--max_steps", "1", "--per_device_train_batch_size", "4", "--report_to", "none", "--use_cpu", "true",
@@ -25,14 +25,6 @@ FAST = ["--max_steps", "1", "--per_device_train_batch_size", "4", "--report_to",
 def _unpaired(labels) -> list[dict]:
     return [{"prompt": f"What is {i} + 1?", "completion": f" {i + 1 + (i % 2)}.", "label": label}
             for i, label in enumerate(labels)]
-
-
-@pytest.fixture
-def model_dir(tmp_path, base_model, tokenizer):
-    path = tmp_path / "model"
-    base_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _error_line(capsys) -> str:

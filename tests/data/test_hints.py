@@ -110,3 +110,11 @@ def test_rename_hint_works_when_followed(tokenizer, container):
     namespace = {"dataset": data, "rows": rows}
     _follow(str(err.value).split(" KTO rows are ")[0].rstrip("."), namespace)
     assert kto.prepare_dataset(namespace[container])["label"] == [True, False]
+
+
+def test_data_error_pickles_with_its_parts():
+    """datasets' map with num_proc > 1 sends a worker's error back pickled."""
+    import pickle
+
+    err = pickle.loads(pickle.dumps(DataError("row 3: 'label' is 'yes'.", "Python fix.", "File fix.")))
+    assert (str(err), err.for_file()) == ("row 3: 'label' is 'yes'. Python fix.", "row 3: 'label' is 'yes'. File fix.")

@@ -188,11 +188,12 @@ def test_dataset_dict_list_and_dict_of_columns(rows, tokenizer):
     kto = KTOPlugin(KTOConfig(max_length=512), tokenizer=tokenizer)
     dd = kto.prepare_dataset(DatasetDict(train=Dataset.from_list(rows[:10]), test=Dataset.from_list(rows[10:14])))
     assert set(dd) == {"train", "test"} and len(dd["test"]) == kto.data_reports["test"].rows_out
-    assert kto.prepare_dataset(rows[:6])["prompt_ids"] == dd["train"]["prompt_ids"][:6]
+    assert kto.prepare_dataset(rows[:6], name="list")["prompt_ids"] == dd["train"]["prompt_ids"][:6]
     columns = {k: [r[k] for r in rows[:6]] for k in ("prompt", "completion", "label")}
-    assert kto.prepare_dataset(columns)["completion_ids"] == dd["train"]["completion_ids"][:6]
+    assert kto.prepare_dataset(columns, name="columns")["completion_ids"] == dd["train"]["completion_ids"][:6]
     from datasets import IterableDatasetDict
 
+    kto = KTOPlugin(KTOConfig(max_length=512), tokenizer=tokenizer)  # the splits' names again: a new plugin
     streams = kto.prepare_dataset(IterableDatasetDict(
         train=Dataset.from_list(rows[:10]).to_iterable_dataset(), test=Dataset.from_list(rows[10:14]).to_iterable_dataset()))
     assert isinstance(streams, IterableDatasetDict) and set(streams) == {"train", "test"}
