@@ -6,6 +6,7 @@ Field names and defaults follow TRL 1.16's `KTOConfig` where the two overlap, so
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -262,6 +263,13 @@ class KTOConfig:
         },
     )
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> KTOConfig:
+        # before the dataclass __init__'s bare "unexpected keyword argument": say where a migrated field belongs
+        unknown = [name for name in kwargs if name not in {f.name for f in fields(cls)}]
+        if unknown:
+            raise TypeError(unknown_fields_message(cls, unknown))
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         for name in ("model_init_kwargs", "ref_model_init_kwargs"):
             value = getattr(self, name)
@@ -368,3 +376,36 @@ class KTOConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (for logs, model cards and cache keys)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# TRL KTOConfig fields kto_plugin does not support (docs/migrating-from-trl.md says why)
+UNSUPPORTED_TRL_FIELDS = ("use_liger_loss", "base_model_attribute_name")
+
+
+def unknown_fields_message(cls: type, unknown: list[str]) -> str:
+    """Where each keyword `KTOConfig` does not take belongs: `TrainingArguments` (TRL's KTOConfig holds both), no
+    support, or a close field name."""
+    from transformers import TrainingArguments
+
+    training = {f.name for f in fields(TrainingArguments)}
+    ours = [f.name for f in fields(cls)]
+    parts = []
+    moved = [name for name in unknown if name in training]
+    if moved:
+        given = ", ".join(f"{name}=..." for name in moved)
+        parts.append(
+            f"KTOConfig got {', '.join(moved)}: "
+            f"{'a TrainingArguments field' if len(moved) == 1 else 'TrainingArguments fields'}. Unlike TRL's KTOConfig, "
+            "KTOConfig holds only the KTO settings (beta, loss_type, max_length, ...): give "
+            f"{'it' if len(moved) == 1 else 'them'} to TrainingArguments({given}), which goes to Trainer(args=...) "
+            "(docs/migrating-from-trl.md shows a TRL script before and after)."
+        )
+    for name in unknown:
+        if name in UNSUPPORTED_TRL_FIELDS:
+            parts.append(f"{name} is a TRL KTOConfig field kto_plugin does not support (docs/migrating-from-trl.md "
+                         "says why); remove it.")
+        elif name not in training:
+            match = difflib.get_close_matches(name, ours, n=1, cutoff=0.6)
+            hint = f" Did you mean {match[0]!r}?" if match else " Its fields are listed in docs/configuration.md."
+            parts.append(f"KTOConfig has no field {name!r}.{hint}")
+    return " ".join(parts)

@@ -15,6 +15,7 @@ from .config import KTOConfig
 from .data import DataReport, KTOCollator, VisionKTOCollator
 from .data._formats import as_dataset
 from .data._prepare import Preparer
+from .data._report import store_report
 from .data._vision import is_processor
 from .hooks import KTOPluginManager
 from .reference import ReferenceManager, ReferenceMode
@@ -164,7 +165,7 @@ class KTOPlugin:
         if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
             return type(data)({split: self.prepare_dataset(ds, name=split) for split, ds in data.items()})
         prepared, report = Preparer(self.tokenizer, self.config, self.processor)(data, name)
-        self.data_reports[name] = report
+        store_report(self.data_reports, report)
         noteworthy = (report.dropped_prompt_too_long or report.truncated or report.prompt_truncated
                       or report.completion_limited or report.balance or report.skipped_bad_rows)
         logger.log(logging.WARNING if noteworthy else logging.INFO, "kto_plugin: prepared %s", report.summary())

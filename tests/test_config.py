@@ -72,3 +72,24 @@ def test_documented_kto_trainer_defaults():
     config = KTOConfig()
     assert config.label_pad_token_id == -100
     assert config.padding_value is None and config.max_completion_length is None
+
+
+def test_training_arguments_in_kto_config_are_sent_to_training_arguments():
+    """A TRL script migrated as written: TRL's KTOConfig also holds the TrainingArguments."""
+    with pytest.raises(TypeError, match=r"^KTOConfig got output_dir, learning_rate: TrainingArguments fields\..*"
+                       r"give them to TrainingArguments\(output_dir=\.\.\., learning_rate=\.\.\.\), which goes to "
+                       r"Trainer\(args=\.\.\.\)"):
+        KTOConfig(output_dir="out", beta=0.1, learning_rate=1e-6)
+    with pytest.raises(TypeError, match=r"KTOConfig has no field 'betta'\. Did you mean 'beta'\?"):
+        KTOConfig(betta=0.1)
+    with pytest.raises(TypeError, match=r"use_liger_loss is a TRL KTOConfig field kto_plugin does not support"):
+        KTOConfig(use_liger_loss=True)
+
+
+def test_kto_config_still_copies_pickles_and_replaces():
+    import copy
+    import pickle
+
+    config = KTOConfig(beta=0.2)
+    assert copy.deepcopy(config) == config == pickle.loads(pickle.dumps(config))
+    assert dataclasses.replace(config, beta=0.3).beta == 0.3

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._errors import check_flags, did_you_mean, usage_error
+
 DEMO_PAIRS = 300
 # The embedded default trains a tiny randomly initialised model, for which the paper's learning rates (made
 # for pretrained models) move nothing visible in a minute; these apply only when the flag is not given.
@@ -28,6 +30,10 @@ class ModelArguments:
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Hub id or local path of the policy. None: the embedded tiny model."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local path of the tokenizer. None: the model's own "
+                                "(--model_name_or_path must then hold one)."}
     )
     model_revision: str | None = field(default=None, metadata={"help": "Model revision (branch, tag, commit)."})
     ref_model_name_or_path: str | None = field(
@@ -106,6 +112,7 @@ def _parser() -> Any:
         "--dataset_name it trains the embedded tiny default offline. Every KTOConfig and TrainingArguments "
         "field is a flag.",
     )
+    parser.error = usage_error  # one line, not the usage of every flag
     # Read by parse_train_args before argparse sees the command line; declared here so that --help lists it.
     parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
                         help="A YAML mapping of flag names to values; flags on the command line override it.")
@@ -135,7 +142,9 @@ def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, Any, set[str]]:
         known = {a.dest for a in parser._actions} - {"config", "help"}
         unknown = sorted(set(from_file) - known)
         if unknown:
-            raise SystemExit(f"kto-plugin train: unknown keys in {path}: {unknown}. Use the flag names of --help.")
+            hints = "".join(did_you_mean(key, sorted(known), repr) for key in unknown)
+            raise SystemExit(f"kto-plugin train: unknown keys in {path}: {unknown}.{hints} Use the flag names of "
+                             "--help.")
         parser.set_defaults(**from_file)
         given |= set(from_file)
         argv = argv[:i] + argv[i + 2 :]
@@ -146,6 +155,7 @@ def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, Any, set[str]]:
         # Under torchrun on a CPU-only machine, TrainingArguments without use_cpu leaves accelerate's state
         # non-distributed: every process would train its own copy and write the same output_dir.
         argv += ["--use_cpu", "true"]
+    check_flags(parser, argv)
     model_args, data_args, kto_config, training_args = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, kto_config, training_args, given
 

@@ -20,9 +20,12 @@ PANELS = (
 
 def load_log_history(output_dir: str) -> list[dict[str, Any]]:
     """The Trainer's log history from `output_dir` (or its newest checkpoint)."""
+    if not os.path.isdir(output_dir):
+        raise FileNotFoundError(f"{output_dir!r}: no such directory ({os.path.abspath(output_dir)}). Give the "
+                                "--output_dir of a run.")
     candidates = [os.path.join(output_dir, "log_history.json"), os.path.join(output_dir, "trainer_state.json")]
     checkpoints = sorted(
-        (d for d in os.listdir(output_dir) if d.startswith("checkpoint-")) if os.path.isdir(output_dir) else [],
+        (d for d in os.listdir(output_dir) if d.startswith("checkpoint-")),
         key=lambda d: int(d.split("-")[-1]) if d.split("-")[-1].isdigit() else -1,
     )
     candidates += [os.path.join(output_dir, d, "trainer_state.json") for d in reversed(checkpoints)]

@@ -15,6 +15,7 @@ from ._args import (
     load_data,
     parse_train_args,
 )
+from ._errors import CLIError, check_local_path, check_tokenizer, data_source, named_source
 
 logger = logging.getLogger("kto_plugin")
 
@@ -36,6 +37,7 @@ def train(argv: list[str]) -> int:
         raise SystemExit(
             "kto-plugin train: name both --model_name_or_path and --dataset_name, or neither (the embedded default)."
         )
+    check_sources(model_args, data_args)
     embedded = model_args.model_name_or_path is None
     if embedded:
         _apply_demo_defaults(given, kto_config, training_args)
@@ -51,16 +53,22 @@ def train(argv: list[str]) -> int:
               f"{training_args.learning_rate:g} (a random tiny model needs a far higher rate than the paper's "
               "guidance for pretrained models).")
     else:
-        model = _load_model(model_args, kto_config, model_args.model_name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_args.model_name_or_path, revision=model_args.model_revision,
-            trust_remote_code=kto_config.trust_remote_code,
-        )
-        ref_model = (
-            _load_model(model_args, kto_config, model_args.ref_model_name_or_path)
-            if model_args.ref_model_name_or_path else None
-        )
-        raw = load_data(data_args)
+        with named_source("--model_name_or_path", model_args.model_name_or_path):
+            model = _load_model(model_args, kto_config, model_args.model_name_or_path)
+        tokenizer_name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+        with named_source("--tokenizer_name_or_path" if model_args.tokenizer_name_or_path else
+                          "--model_name_or_path", tokenizer_name):
+            tokenizer = AutoTokenizer.from_pretrained(
+                tokenizer_name, revision=None if model_args.tokenizer_name_or_path else model_args.model_revision,
+                trust_remote_code=kto_config.trust_remote_code,
+            )
+        with named_source("--ref_model_name_or_path", model_args.ref_model_name_or_path):
+            ref_model = (
+                _load_model(model_args, kto_config, model_args.ref_model_name_or_path)
+                if model_args.ref_model_name_or_path else None
+            )
+        with named_source("--dataset_name", data_args.dataset_name):
+            raw = load_data(data_args)
         if data_args.dataset_train_split not in raw:
             raise SystemExit(f"kto-plugin train: no split {data_args.dataset_train_split!r} in {data_args.dataset_name}"
                              f" (it has {list(raw)}). Set --dataset_train_split.")
@@ -77,8 +85,9 @@ def train(argv: list[str]) -> int:
             training_args.ddp_find_unused_parameters = False  # PeftModel is not a PreTrainedModel (DESIGN 3.12)
 
     kto = KTOPlugin(kto_config, tokenizer=tokenizer, ref_model=ref_model)
-    train_ds = kto.prepare_dataset(train_rows, name="train")
-    eval_ds = kto.prepare_dataset(eval_rows, name="eval") if eval_rows is not None else None
+    with data_source(data_args.dataset_name or "the shipped HH-RLHF sample"):
+        train_ds = kto.prepare_dataset(train_rows, name="train")
+        eval_ds = kto.prepare_dataset(eval_rows, name="eval") if eval_rows is not None else None
     if eval_ds is None:
         from transformers.trainer_utils import IntervalStrategy
 
@@ -125,5 +134,34 @@ def _run_yaml(model_args: Any, data_args: Any, kto_config: Any, training_args: A
     resolved = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **kto_config.to_dict(),
                 **{k: resolved_training[k] for k in sorted(set_here) if k in resolved_training}}
     resolved.pop("config", None)
+    absolute_paths(resolved)
     header = "# kto-plugin train --config kto_run.yaml reruns this run (flags given after it override it)\n"
     return header + yaml.safe_dump(resolved, sort_keys=False)
+
+
+# flags naming a path to write (made absolute) and flags naming a path or a Hub id (absolute when the path exists)
+WRITTEN_PATHS = ("output_dir", "logging_dir", "precompute_cache_dir")
+READ_PATHS = ("model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path", "dataset_name",
+              "resume_from_checkpoint", "deepspeed", "fsdp_config")
+
+
+def absolute_paths(resolved: dict[str, Any]) -> None:
+    """Local paths in `resolved` made absolute, so that the run's YAML reruns it from any directory."""
+    for key in WRITTEN_PATHS + READ_PATHS:
+        value = resolved.get(key)
+        if isinstance(value, str) and value and (key in WRITTEN_PATHS or os.path.exists(value)):
+            resolved[key] = os.path.abspath(os.path.expanduser(value))
+
+
+def check_sources(model_args: Any, data_args: Any) -> None:
+    """Before anything loads: local paths that do not exist, a tokenizer flag without a model, a model folder
+    without a tokenizer."""
+    for flag, name in (("--model_name_or_path", model_args.model_name_or_path),
+                       ("--tokenizer_name_or_path", model_args.tokenizer_name_or_path),
+                       ("--ref_model_name_or_path", model_args.ref_model_name_or_path),
+                       ("--dataset_name", data_args.dataset_name)):
+        check_local_path(flag, name)
+    if model_args.tokenizer_name_or_path and model_args.model_name_or_path is None:
+        raise CLIError("--tokenizer_name_or_path needs --model_name_or_path (the embedded default builds its own "
+                       "tokenizer).")
+    check_tokenizer(model_args.model_name_or_path, model_args.tokenizer_name_or_path)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
+from ..errors import KTOPluginWarning
 from ._formats import UNPAIRED
 
 # the KTO paper's eq. 8: desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3]
@@ -75,6 +77,23 @@ class DataReport:
                 f"{', ...' if self.skipped_bad_rows > len(self.bad_rows) else ''}), the first: {self.first_bad_row}"
             )
         return "; ".join(parts)
+
+
+def store_report(reports: dict[str, DataReport], report: DataReport) -> None:
+    """Keep `report` under its name. Another dataset's report already there is replaced with a warning: an eval
+    set prepared under the default name "train" would otherwise pass for the training data. Preparing the same
+    data again (a notebook cell run twice) gives an equal report and replaces it quietly."""
+    old = reports.get(report.name)
+    if old is not None and (old != report or old.streaming):
+        warnings.warn(
+            f"kto_plugin: prepare_dataset(name={report.name!r}) was called before with other data ({old.rows_in} "
+            f"input rows, {old.n_desirable} desirable / {old.n_undesirable} undesirable; now {report.rows_in} "
+            f"input rows): kto.data_reports[{report.name!r}] now describes the new one. Name each dataset, e.g. "
+            "kto.prepare_dataset(eval_rows, name='eval') for an evaluation set.",
+            KTOPluginWarning,
+            stacklevel=3,
+        )
+    reports[report.name] = report
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,10 @@ class KTOComputeLoss:
     @property
     def trainer(self) -> Trainer:
         if self._trainer is None:
-            raise RuntimeError("The KTO loss hook is not attached to a Trainer: call kto.attach(trainer).")
+            raise RuntimeError(
+                "The KTO loss hook is not attached to a Trainer: call kto.attach(trainer) before trainer.train() "
+                "(it installs the hook, rather than compute_loss_func=kto.loss_hook)."
+            )
         return self._trainer
 
     def __call__(self, outputs: Any, labels: Any, num_items_in_batch: Any = None) -> torch.Tensor:

@@ -132,7 +132,7 @@ def install(plugin: KTOPlugin, trainer: Trainer, policy_path: LogpsPath) -> None
     install_model_init(plugin, trainer)
     if config.precompute_ref_log_probs:
         plugin.precompute_attached_datasets(trainer)
-    counts = label_counts(trainer, plugin.data_reports)
+    counts = label_counts(trainer)
     log_summary(plugin, policy_path, counts)
     if config.warn_guidance:
         is_adapter = AdapterHost.of(trainer.accelerator.unwrap_model(trainer.model)) is not None

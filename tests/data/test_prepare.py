@@ -188,11 +188,12 @@ def test_dataset_dict_list_and_dict_of_columns(rows, tokenizer):
     kto = KTOPlugin(KTOConfig(max_length=512), tokenizer=tokenizer)
     dd = kto.prepare_dataset(DatasetDict(train=Dataset.from_list(rows[:10]), test=Dataset.from_list(rows[10:14])))
     assert set(dd) == {"train", "test"} and len(dd["test"]) == kto.data_reports["test"].rows_out
-    assert kto.prepare_dataset(rows[:6])["prompt_ids"] == dd["train"]["prompt_ids"][:6]
+    assert kto.prepare_dataset(rows[:6], name="list")["prompt_ids"] == dd["train"]["prompt_ids"][:6]
     columns = {k: [r[k] for r in rows[:6]] for k in ("prompt", "completion", "label")}
-    assert kto.prepare_dataset(columns)["completion_ids"] == dd["train"]["completion_ids"][:6]
+    assert kto.prepare_dataset(columns, name="columns")["completion_ids"] == dd["train"]["completion_ids"][:6]
     from datasets import IterableDatasetDict
 
+    kto = KTOPlugin(KTOConfig(max_length=512), tokenizer=tokenizer)  # the splits' names again: a new plugin
     streams = kto.prepare_dataset(IterableDatasetDict(
         train=Dataset.from_list(rows[:10]).to_iterable_dataset(), test=Dataset.from_list(rows[10:14]).to_iterable_dataset()))
     assert isinstance(streams, IterableDatasetDict) and set(streams) == {"train", "test"}
@@ -258,7 +259,7 @@ def test_truncation_coherent_with_the_collator(rows, tokenizer):
 @pytest.mark.parametrize(
     "columns,match",
     [
-        (("prompt", "completions", "label"), r"no 'completion' column.*Did you mean 'completions'.*rename_column"),
+        (("prompt", "completions", "label"), r"no 'completion' column.*Did you mean 'completions'.*Rename it"),
         (("prompt", "completion"), r"no 'label' column"),
         (("prompt", "chosen", "rejcted"), r"no 'rejected' column.*Did you mean 'rejcted'"),
         (("prompt", "chosen_response", "rejected_response"), r"no 'chosen' column.*Did you mean 'chosen_response'"),
@@ -279,7 +280,7 @@ def test_missing_column_suggests_the_closest(tokenizer, columns, match):
         ({"label": "yes"}, r"train dataset, row 2: 'label' is 'yes' \(str\); it must be a bool.*Convert"),
         ({"label": 1.0}, r"row 2: 'label' is 1.0 \(float\)"),
         ({"label": [True, False]}, r"row 2: 'label' is \[True, False\].*holds 2 values.*dict of lists"),
-        ({"completion": ""}, r"row 2: 'completion' is ''.*filter"),
+        ({"completion": ""}, r"row 2: 'completion' is ''.*Filter"),
         ({"prompt": None}, r"row 2: 'prompt' is None"),
         ({"completion": [{"role": "assistant", "content": "x"}]}, r"row 2: 'completion' is conversational but row 0"),
     ],
