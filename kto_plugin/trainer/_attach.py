@@ -102,7 +102,7 @@ def install(plugin: KTOPlugin, trainer: Trainer, policy_path: LogpsPath) -> None
         if isinstance(trainer.data_collator, KTOCollator):
             logger.info("kto_plugin: the Trainer's KTOCollator is not this plugin's; using kto.collator")
         ledger.setattr(trainer, "data_collator", plugin.collator)
-    plugin.metrics_callback = KTOMetricsCallback(plugin.metrics, trainer)
+    plugin.metrics_callback = KTOMetricsCallback(plugin.metrics, trainer, hook.evaluation_metrics)
     ledger.add_callback(trainer, plugin.metrics_callback, index=0)  # before the reporters
     if config.generate_during_eval:
         generation = KTOGenerationCallback(
