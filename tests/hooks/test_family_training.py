@@ -174,3 +174,23 @@ def test_plugin_state_must_be_json(task_tokenizer):
     kto = KTOPlugin(tokenizer=task_tokenizer, plugins=[Counter()])
     with pytest.raises(PluginError, match="Counter.*JSON-serialisable"):
         kto.plugins.state_dict()
+
+
+def test_docs_own_variant_snippet_trains_keeps_its_state_and_resumes(task_tokenizer, small_model, tmp_path):
+    snippet = re.search(r"## Writing a variant of your own\n.*?```python\n(.*?)```",
+                        (ROOT / "docs" / "losses.md").read_text(), re.S).group(1)
+    namespace = {}
+    exec(compile(snippet, "docs/losses.md", "exec"), namespace)
+    runs = {}
+    for name, resume in (("straight", None), ("resumed", tmp_path / "straight" / "checkpoint-2")):
+        plugin = namespace["RunningMeanKTO"]()
+        kto, trainer = kto_trainer(copy.deepcopy(small_model), task_tokenizer, kto_rows(), tmp_path / name,
+                                   max_steps=4, save_strategy="steps", save_steps=2, save_only_model=False,
+                                   kto_kwargs={"loss_type": "kto_running_mean"}, plugin_kwargs={"plugins": [plugin]})
+        kto.attach(trainer)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        runs[name] = (plugin, [h["loss"] for h in trainer.state.log_history if "loss" in h])
+    (straight, losses), (resumed, resumed_losses) = runs["straight"], runs["resumed"]
+    assert straight.count == 4 * 4 and straight.total != 0  # 4 steps of 4 rows
+    assert (resumed.total, resumed.count) == (straight.total, straight.count)
+    assert resumed_losses[-2:] == losses[-2:]  # steps 3-4, bit for bit
