@@ -32,10 +32,10 @@ def _with_defaults(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """`kwargs` with the arguments added to the hooks after the first release, where a caller of the manager's
     methods did not pass them (so calls written against the first release keep working)."""
     out = dict(kwargs)
-    if "policy_logps" in out and "reference_logps" in out:
-        out.setdefault("log_ratios", out["policy_logps"] - out["reference_logps"])
-    if "policy_kl_logps" in out and "reference_kl_logps" in out:
-        out.setdefault("kl_log_ratios", out["policy_kl_logps"] - out["reference_kl_logps"])
+    if "log_ratios" not in out and "policy_logps" in out and "reference_logps" in out:
+        out["log_ratios"] = out["policy_logps"] - out["reference_logps"]
+    if "kl_log_ratios" not in out and "policy_kl_logps" in out and "reference_kl_logps" in out:
+        out["kl_log_ratios"] = out["policy_kl_logps"] - out["reference_kl_logps"]
     if "kl" in out:
         out.setdefault("reference_point", out["kl"])
     for name in ("num_tokens", "kl_num_tokens", "policy_token_logps", "reference_token_logps"):
@@ -154,7 +154,6 @@ class HookCalls:
 
     def log_ratios(self, **kwargs: Any) -> torch.Tensor | None:
         """First non-None `kto_log_ratios` result, checked for shape and gradient; None: the default."""
-        kwargs = _with_defaults(kwargs)
         policy = kwargs["policy_logps"]
         for impl in self._impls("kto_log_ratios"):
             result = self._call(impl, "kto_log_ratios", kwargs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -158,6 +159,8 @@ def test_bco_state_is_read_not_written_by_evaluation_and_reset_by_a_fresh_run(ta
     metrics = trainer.evaluate()
     assert kto.plugins.state_dict()["builtin:bco"] == state
     assert metrics["eval_bco/delta"] == pytest.approx(state["reward_sum"] / state["count"])
+    copied = pickle.loads(pickle.dumps(kto.plugins))  # as Ray Tune ships a Trainer: the built-ins keep their state
+    assert copied.state_dict() == kto.plugins.state_dict()
     trainer.train()  # from the start again (no resume): the running mean starts afresh
     assert kto.plugins.state_dict()["builtin:bco"]["count"] == 3 * 2 * 4
 
