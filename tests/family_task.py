@@ -24,6 +24,16 @@ HELD_OUT = TOPICS[:6]
 TRAIN = TOPICS[6:]
 KINDS = {"please": 0, "hey": 1}  # kind word -> index of the style it prefers
 STYLES = (" yes indeed {topic}.", " no way {topic}!")
+# the family's variants beyond `kto` (docs/losses.md), as KTOConfig settings
+VARIANTS = {
+    "bco": {"loss_type": "bco"},
+    "humanline": {"loss_type": "humanline"},
+    "kto_length_normalized": {"length_normalize": True},
+    "bco_length_normalized": {"loss_type": "bco", "length_normalize": True},
+    "sft_term": {"sft_weight": 0.1},
+    "positive_mean": {"reference_point": "positive_mean"},
+    "ema": {"reference_point": "ema"},
+}
 
 
 def prompt(topic: str, kind: str) -> str:

@@ -4,42 +4,29 @@ the same running mean and moving average, equal to what every rank's rows give, 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "scripts" / "family_two_process.py"
+from helpers import load_script, torchrun_two
+
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "family_two_process.py"
 pytestmark = pytest.mark.slow
 STEPS, ACCUMULATION, BATCH = 3, 2, 4
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("family_two_process", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def two_process(tmp_path_factory):
     """{set-up: [rank 0 result, rank 1 result]} from one torchrun launch."""
     out = tmp_path_factory.mktemp("family_two_process")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(out)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "KTO_PLUGIN_DISABLE_AUTOLOAD": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    torchrun_two(SCRIPT, str(out))
     return {name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in (0, 1)]
-            for name in _script().SETUPS}
+            for name in load_script(SCRIPT).SETUPS}
 
 
-@pytest.mark.parametrize("name", list(_script().SETUPS))
+@pytest.mark.parametrize("name", list(load_script(SCRIPT).SETUPS))
 def test_ranks_hold_the_same_state_logs_and_weights(two_process, name):
     rank0, rank1 = two_process[name]
     assert rank0["state"] == rank1["state"]
@@ -92,7 +79,7 @@ def test_ema_is_of_every_rank_pairs_updated_per_micro_batch_or_per_window(two_pr
 
 def test_bco_on_two_processes_equals_one_process_with_the_doubled_batch(two_process, tmp_path):
     two = two_process["bco"][0]
-    one = _script().run("bco", str(tmp_path), batch=2 * BATCH, accumulation=ACCUMULATION)
+    one = load_script(SCRIPT).run("bco", str(tmp_path), batch=2 * BATCH, accumulation=ACCUMULATION)
     assert one["state"]["builtin:bco"]["count"] == two["state"]["builtin:bco"]["count"]
     assert one["state"]["builtin:bco"]["reward_sum"] == pytest.approx(two["state"]["builtin:bco"]["reward_sum"],
                                                                       rel=1e-4)

@@ -155,19 +155,26 @@ class HookCalls:
     def log_ratios(self, **kwargs: Any) -> torch.Tensor | None:
         """First non-None `kto_log_ratios` result, checked for shape and gradient; None: the default."""
         policy = kwargs["policy_logps"]
-        for impl in self._impls("kto_log_ratios"):
-            result = self._call(impl, "kto_log_ratios", kwargs)
-            if result is None:
-                continue
-            where = f"Plugin {impl.plugin_name!r}: kto_log_ratios"
-            if not isinstance(result, torch.Tensor) or result.shape != policy.shape:
-                raise PluginError(f"{where} must return a tensor of shape {tuple(policy.shape)}, got {result!r}.")
-            tokens = kwargs.get("policy_token_logps")
-            with_grad = policy.requires_grad or (tokens is not None and tokens.requires_grad)
-            if with_grad and not result.requires_grad:
-                raise PluginError(f"{where} returned a tensor without gradient; compute it with torch operations.")
-            return result
-        return None
+        impl, result = self._first("kto_log_ratios", kwargs)
+        if impl is None:
+            return None
+        where = f"Plugin {impl.plugin_name!r}: kto_log_ratios"
+        if not isinstance(result, torch.Tensor) or result.shape != policy.shape:
+            raise PluginError(f"{where} must return a tensor of shape {tuple(policy.shape)}, got {result!r}.")
+        tokens = kwargs.get("policy_token_logps")
+        with_grad = policy.requires_grad or (tokens is not None and tokens.requires_grad)
+        if with_grad and not result.requires_grad:
+            raise PluginError(f"{where} returned a tensor without gradient; compute it with torch operations.")
+        return result
+
+    def _first(self, hook_name: str, kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
+        """(implementation, result) of the first implementation of a firstresult hook that returns something other
+        than None; (None, None) when none does."""
+        for impl in self._impls(hook_name):
+            result = self._call(impl, hook_name, kwargs)
+            if result is not None:
+                return impl, result
+        return None, None
 
     def loss(self, **kwargs: Any) -> torch.Tensor:
         """The (B,) losses of the first non-None `kto_loss` result (`loss_result`)."""
@@ -178,55 +185,49 @@ class HookCalls:
         returned `KTOLossOutput` names."""
         kwargs = _with_defaults(kwargs)
         policy = kwargs["policy_logps"]
-        for impl in self._impls("kto_loss"):
-            result = self._call(impl, "kto_loss", kwargs)
-            if result is None:
-                continue
-            where = f"Plugin {impl.plugin_name!r}: kto_loss for loss_type {kwargs['loss_type']!r}"
-            reference_point = None
-            if isinstance(result, KTOLossOutput):
-                reference_point = torch.as_tensor(result.kl).detach().float().reshape(())
-                result = result.losses
-            if not isinstance(result, torch.Tensor):
-                raise PluginError(
-                    f"{where} returned {type(result).__name__}; it must return a (B,) tensor or a KTOLossOutput."
-                )
-            if result.shape != policy.shape:
-                raise PluginError(
-                    f"{where} returned shape {tuple(result.shape)}; it must return one loss per example, "
-                    f"shape {tuple(policy.shape)}."
-                )
-            if policy.requires_grad and not result.requires_grad:
-                raise PluginError(
-                    f"{where} returned a tensor without gradient; compute it from policy_logps with torch "
-                    "operations (no .item(), .detach() or torch.no_grad())."
-                )
-            if torch.isnan(result).any() and _finite(policy, kwargs["reference_logps"], kwargs["kl"],
-                                                      kwargs.get("log_ratios")):
-                raise PluginError(
-                    f"{where} returned NaN for finite inputs (losses {result.detach().tolist()})."
-                )
-            return LossResult(result, reference_point)
-        raise PluginError(
-            f"No plugin computed kto_loss for loss_type {kwargs['loss_type']!r}: every implementation "
-            "returned None, although a plugin declared it in kto_loss_types."
-        )
+        impl, result = self._first("kto_loss", kwargs)
+        if impl is None:
+            raise PluginError(
+                f"No plugin computed kto_loss for loss_type {kwargs['loss_type']!r}: every implementation "
+                "returned None, although a plugin declared it in kto_loss_types."
+            )
+        where = f"Plugin {impl.plugin_name!r}: kto_loss for loss_type {kwargs['loss_type']!r}"
+        reference_point = None
+        if isinstance(result, KTOLossOutput):
+            reference_point = torch.as_tensor(result.kl).detach().float().reshape(())
+            result = result.losses
+        if not isinstance(result, torch.Tensor):
+            raise PluginError(
+                f"{where} returned {type(result).__name__}; it must return a (B,) tensor or a KTOLossOutput."
+            )
+        if result.shape != policy.shape:
+            raise PluginError(
+                f"{where} returned shape {tuple(result.shape)}; it must return one loss per example, "
+                f"shape {tuple(policy.shape)}."
+            )
+        if policy.requires_grad and not result.requires_grad:
+            raise PluginError(
+                f"{where} returned a tensor without gradient; compute it from policy_logps with torch "
+                "operations (no .item(), .detach() or torch.no_grad())."
+            )
+        if torch.isnan(result).any() and _finite(policy, kwargs["reference_logps"], kwargs["kl"],
+                                                  kwargs.get("log_ratios")):
+            raise PluginError(f"{where} returned NaN for finite inputs (losses {result.detach().tolist()}).")
+        return LossResult(result, reference_point)
 
     def reference_point(self, **kwargs: Any) -> torch.Tensor | None:
         """First non-None `kto_reference_point` result (a scalar tensor, finite for finite pairs), or None for the
         default."""
         kwargs = _with_defaults(kwargs)
-        for impl in self._impls("kto_reference_point"):
-            result = self._call(impl, "kto_reference_point", kwargs)
-            if result is None:
-                continue
-            where = f"Plugin {impl.plugin_name!r}: kto_reference_point"
-            if not isinstance(result, torch.Tensor) or result.numel() != 1:
-                raise PluginError(f"{where} must return a scalar tensor, got {result!r}.")
-            if not torch.isfinite(result).all() and _finite(kwargs.get("kl_log_ratios")):
-                raise PluginError(f"{where} returned a non-finite reference point {result.item()}.")
-            return result.reshape(())
-        return None
+        impl, result = self._first("kto_reference_point", kwargs)
+        if impl is None:
+            return None
+        where = f"Plugin {impl.plugin_name!r}: kto_reference_point"
+        if not isinstance(result, torch.Tensor) or result.numel() != 1:
+            raise PluginError(f"{where} must return a scalar tensor, got {result!r}.")
+        if not torch.isfinite(result).all() and _finite(kwargs.get("kl_log_ratios")):
+            raise PluginError(f"{where} returned a non-finite reference point {result.item()}.")
+        return result.reshape(())
 
     def loss_terms(self, **kwargs: Any) -> dict[str, torch.Tensor]:
         """`kto_loss_terms` of every plugin, merged: scalar tensors, with a gradient where the loss has one."""

@@ -15,20 +15,12 @@ import pytest
 from transformers import Trainer, TrainingArguments
 
 from family_task import TRAIN, build_task_tokenizer, kto_rows, pre_taught_model, preference
+from family_task import VARIANTS as FAMILY_VARIANTS
 from kto_plugin import KTOConfig, KTOPlugin
 
 pytestmark = pytest.mark.slow
 
-VARIANTS = {
-    "kto": {},
-    "bco": {"loss_type": "bco"},
-    "humanline": {"loss_type": "humanline"},
-    "kto_length_normalized": {"length_normalize": True},
-    "bco_length_normalized": {"loss_type": "bco", "length_normalize": True},
-    "sft_term": {"sft_weight": 0.1},
-    "positive_mean": {"reference_point": "positive_mean"},
-    "ema": {"reference_point": "ema"},
-}
+VARIANTS = {"kto": {}, **FAMILY_VARIANTS}
 MARGIN = 0.1  # nats of held-out preference; the smallest move measured was 0.2
 
 

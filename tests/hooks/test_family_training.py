@@ -16,7 +16,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from family_task import build_task_tokenizer, kto_rows
+from family_task import VARIANTS, build_task_tokenizer, kto_rows
 from helpers import kto_trainer
 from kto_plugin import KTOConfig, KTOPlugin, PluginError, hookimpl
 from kto_plugin.demo import build_tiny_model
@@ -24,15 +24,6 @@ from reference_cases import lora_config
 from reference_impl import naive_auroc
 
 ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = {
-    "bco": {"loss_type": "bco"},
-    "humanline": {"loss_type": "humanline"},
-    "kto_length_normalized": {"length_normalize": True},
-    "bco_length_normalized": {"loss_type": "bco", "length_normalize": True},
-    "sft_term": {"sft_weight": 0.2},
-    "positive_mean": {"reference_point": "positive_mean"},
-    "ema": {"reference_point": "ema"},
-}
 # what each variant logs or keeps beyond kto's: (a logged metric, a plugin with state)
 OWN = {"bco": ("bco/delta", "builtin:bco"), "bco_length_normalized": ("bco/delta", "builtin:bco"),
        "sft_term": ("sft_loss", None), "ema": ("kl", "builtin:ema")}
