@@ -1,7 +1,8 @@
 """`KTOConfig`: every KTO setting, as a dataclass that `HfArgumentParser` parses next to `TrainingArguments`.
 
 Field names and defaults follow TRL 1.16's `KTOConfig` where the two overlap, so a TRL config carries over;
-`max_prompt_length`, `truncation_mode` and `kl_estimate` are ours.
+`max_prompt_length`, `truncation_mode`, `kl_estimate` and the KTO family's options (`length_normalize`,
+`reference_point`, `sft_weight`, humanline's clamp) are ours.
 
 Why one module over 400 lines: `HfArgumentParser` parses one dataclass, and each field's help and its check in
 `__post_init__` read best side by side; splitting the class would split both.
@@ -17,6 +18,7 @@ from typing import Any
 TRUNCATION_MODES = ("keep_start", "keep_end")
 PEFT_REFERENCES = ("auto", "initial_adapter", "base")
 KL_ESTIMATES = ("batch", "window")
+REFERENCE_POINTS = ("mean", "positive_mean", "ema")
 NONFINITE_POLICIES = ("warn", "raise", "skip")
 BAD_ROW_POLICIES = ("raise", "skip")
 
@@ -35,8 +37,9 @@ class KTOConfig:
     loss_type: str = field(
         default="kto",
         metadata={
-            "help": "Loss: 'kto', 'apo_zero_unpaired', or any name a registered plugin implements "
-            "(see `kto_plugin.hookspecs.kto_loss`)."
+            "help": "Loss: 'kto', 'apo_zero_unpaired', 'bco' (binary classifier optimisation, running-mean delta), "
+            "'humanline' (KTO with per-token log-ratios clamped), or any name a registered plugin implements "
+            "(see `kto_plugin.hookspecs.kto_loss` and docs/losses.md)."
         },
     )
     desirable_weight: float = field(
@@ -46,6 +49,44 @@ class KTOConfig:
     undesirable_weight: float = field(
         default=1.0,
         metadata={"help": "Weight lambda_U of undesirable examples' losses (paper eq. 8)."},
+    )
+    length_normalize: bool = field(
+        default=False,
+        metadata={
+            "help": "Length-normalised rewards: each row's log-ratio (and each KL pair's) is divided by its number "
+            "of completion tokens, an average rather than a sum (kto, bco, humanline, apo_zero_unpaired)."
+        },
+    )
+    reference_point: str = field(
+        default="mean",
+        metadata={
+            "help": "The reference point z0 of losses with a KL term: 'mean' (KTO paper: the mean mismatched-pair "
+            "log-ratio, clamped at 0), 'positive_mean' (the mean over positive log-ratios only) or 'ema' (an "
+            "exponential moving average of 'mean' across steps, reference_point_ema_decay).",
+            "choices": list(REFERENCE_POINTS),
+        },
+    )
+    reference_point_ema_decay: float = field(
+        default=0.9,
+        metadata={
+            "help": "With reference_point='ema': z0 = decay * previous + (1 - decay) * this estimate, updated once "
+            "per training micro-batch (kl_estimate='window': once per optimizer step). In [0, 1)."
+        },
+    )
+    sft_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight gamma of an SFT term added to any loss: gamma * mean over the micro-batch's desirable "
+            "rows of the per-token negative log-likelihood (LLaMA-Factory's pref_ftx). 0: off; logged as sft_loss."
+        },
+    )
+    humanline_min_log_ratio: float = field(
+        default=-1.0,
+        metadata={"help": "loss_type='humanline': lower clamp of each token's log-ratio (HALOs log_epsilon_P)."},
+    )
+    humanline_max_log_ratio: float = field(
+        default=1.5,
+        metadata={"help": "loss_type='humanline': upper clamp of each token's log-ratio (HALOs log_epsilon_R)."},
     )
     kl_estimate: str = field(
         default="batch",
@@ -344,6 +385,23 @@ class KTOConfig:
         if self.peft_reference not in PEFT_REFERENCES:
             raise ValueError(
                 f"KTOConfig.peft_reference must be one of {PEFT_REFERENCES}, got {self.peft_reference!r}."
+            )
+        if self.reference_point not in REFERENCE_POINTS:
+            raise ValueError(
+                f"KTOConfig.reference_point must be one of {REFERENCE_POINTS}, got {self.reference_point!r}."
+            )
+        if not 0.0 <= self.reference_point_ema_decay < 1.0:
+            raise ValueError(
+                f"KTOConfig.reference_point_ema_decay must be in [0, 1), got {self.reference_point_ema_decay}: 1 would "
+                "never move z0 from its first estimate."
+            )
+        if not self.sft_weight >= 0:
+            raise ValueError(f"KTOConfig.sft_weight must be >= 0 (0: no SFT term), got {self.sft_weight}.")
+        if not self.humanline_min_log_ratio < 0 < self.humanline_max_log_ratio:
+            raise ValueError(
+                "KTOConfig.humanline_min_log_ratio must be < 0 and humanline_max_log_ratio > 0 (a token whose policy "
+                f"equals the reference must stay unclamped), got {self.humanline_min_log_ratio} and "
+                f"{self.humanline_max_log_ratio}. Humanline's defaults are -1.0 and 1.5."
             )
         if self.kl_estimate not in KL_ESTIMATES:
             raise ValueError(f"KTOConfig.kl_estimate must be one of {KL_ESTIMATES}, got {self.kl_estimate!r}.")

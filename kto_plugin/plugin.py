@@ -137,6 +137,7 @@ class KTOPlugin:
         self.loss_hook = KTOComputeLoss(
             self.config, self.plugins, self.reference, self.metrics, self.needs_kl, self.nonfinite
         )
+        self.loss_hook.inputs = self.plugins.check_config(self.config, self.needs_kl)
         self.data_reports: dict[str, DataReport] = {}
         self.trainer: Trainer | None = None
         # every change attach() makes: to the Trainer (`ledger`) and to the policy it trains (`binding`)
@@ -240,6 +241,7 @@ class KTOPlugin:
         # plugins registered since construction (kto.plugins.register) count too
         self.plugins.check()
         self.needs_kl = self.loss_hook.needs_kl = self.collator.build_kl = self.plugins.needs_kl(self.config)
+        self.loss_hook.inputs = self.plugins.check_config(self.config, self.needs_kl)
         validate(self, trainer)
         self._load_named_reference(trainer.accelerator.unwrap_model(trainer.model))  # may fail: before any change
         if self.reference.released_given and self.reference.given_ref_model is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,3 +84,26 @@ def assert_same_weights(a, b):
     assert sa.keys() == sb.keys()
     different = [k for k in sa if not torch.equal(sa[k], sb[k])]
     assert not different, f"weights differ after resume: {different[:5]}"
+def torchrun_two(script, *script_args: str, timeout: int = 600):
+    """Run `script` on two CPU processes (torchrun, gloo) from the repository root; fails the test with the output's
+    tail unless it exits 0. Returns the finished process (its ``stdout``)."""
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "KTO_PLUGIN_DISABLE_AUTOLOAD": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           *script_args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def load_script(path):
+    """A script (tests/scripts, examples) imported as a module, to call its functions in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

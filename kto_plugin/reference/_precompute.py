@@ -222,7 +222,8 @@ class ReferencePrecomputer:
         module = self._reference_module()
         device = next(module.parameters()).device
         with torch.no_grad(), self.trainer.accelerator.autocast():
-            return tuple(self.passes.reference_logps(self.trainer, send_to_device(labels, device), self.needs_kl))
+            reference = self.passes.reference_logps(self.trainer, send_to_device(labels, device), self.needs_kl)
+        return reference.target, reference.kl
 
     def __call__(self, dataset: Any, name: str, group_size: int, batch_size: int) -> Any:
         """`dataset` with ``ref_logps``, and with KL ``kl_completion_ids`` and ``ref_kl_logps``."""

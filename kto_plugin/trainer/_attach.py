@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..config import KTOConfig
 from ..data import KTOCollator
 from ..integrations._eval_predictions import install_eval_predictions
 from ..integrations._generation import KTOGenerationCallback
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
     from ..plugin import KTOPlugin
 
 logger = logging.getLogger("kto_plugin")
+# the KTO family's options, named in the attach summary when not at their defaults (docs/losses.md)
+FAMILY_OPTIONS = ("length_normalize", "reference_point", "reference_point_ema_decay", "sft_weight",
+                  "humanline_min_log_ratio", "humanline_max_log_ratio")
 
 
 def bind_model(plugin: KTOPlugin, trainer: Trainer, policy: torch.nn.Module) -> LogpsPath:
@@ -102,7 +106,7 @@ def install(plugin: KTOPlugin, trainer: Trainer, policy_path: LogpsPath) -> None
         if isinstance(trainer.data_collator, KTOCollator):
             logger.info("kto_plugin: the Trainer's KTOCollator is not this plugin's; using kto.collator")
         ledger.setattr(trainer, "data_collator", plugin.collator)
-    plugin.metrics_callback = KTOMetricsCallback(plugin.metrics, trainer)
+    plugin.metrics_callback = KTOMetricsCallback(plugin.metrics, trainer, hook.evaluation_metrics)
     ledger.add_callback(trainer, plugin.metrics_callback, index=0)  # before the reporters
     if config.generate_during_eval:
         generation = KTOGenerationCallback(
@@ -146,10 +150,13 @@ def log_summary(plugin: KTOPlugin, policy_path: Any, counts: tuple[int, int] | N
         f"{c.undesirable_weight})" if counts is not None else "label counts unknown"
     )
     third_party = [(n, src) for n, src in plugin.plugins.describe() if src != "built-in"]
+    family = [f"{name}={getattr(c, name)!r}" for name in FAMILY_OPTIONS
+              if getattr(c, name) != KTOConfig.__dataclass_fields__[name].default]
     logger.info(
-        "kto_plugin: attached: loss=%s beta=%s | reference: %s | KL pass: %s | %s | log-probs from %s%s | "
+        "kto_plugin: attached: loss=%s%s beta=%s | reference: %s | KL pass: %s | %s | log-probs from %s%s | "
         "%d third-party plugin(s)%s",
         c.loss_type,
+        f" ({', '.join(family)})" if family else "",
         c.beta,
         plugin.reference.describe(),
         "on" if plugin.needs_kl else "off",

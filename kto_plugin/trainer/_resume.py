@@ -7,6 +7,8 @@ only the plugin knows is kept under ``TrainerState.stateful_callbacks["kto_plugi
 
 * the metrics accumulator (sums and counts since the last log) and the running ``num_tokens`` count, so a log
   whose interval spans the checkpoint averages the same micro-batches as an uninterrupted run;
+* every plugin's `kto_state_dict` (BCO's running mean, the EMA of z0), under ``"plugins"``, restored through
+  `kto_load_state_dict` before the first resumed step (and reset, with None, when a run starts afresh);
 * what identifies the reference: a sampled fingerprint of a separate or frozen-copy reference model, and a
   hash of the train dataset's precomputed ``ref_logps``. A reference must be the *initial* policy: a resumed
   run whose model was loaded from the checkpoint would take its frozen copy (or its precomputed log-probs)
@@ -106,6 +108,7 @@ class ResumeCallback(TrainerCallback):
             "format": STATE_FORMAT,
             "metrics": copy.deepcopy(plugin.metrics.state_dict()),
             "total_train_tokens": plugin.metrics.total_train_tokens,
+            "plugins": plugin.plugins.state_dict(),
             "sync_ref_model": bool(plugin.config.sync_ref_model),
             **self.reference_identity(),
         }
@@ -167,6 +170,7 @@ class ResumeCallback(TrainerCallback):
         callbacks = state.stateful_callbacks
         saved = callbacks.get(STATE_KEY) if isinstance(callbacks, dict) else None
         if not saved or state.global_step == 0:
+            self.plugin.plugins.load_state_dict(None)  # a run from the start: no state of an earlier run
             return
         if saved.get("format") != STATE_FORMAT:
             raise ValueError(
@@ -189,6 +193,7 @@ class ResumeCallback(TrainerCallback):
         plugin = self.plugin
         plugin.metrics.load_state_dict(copy.deepcopy(saved["metrics"]))
         plugin.metrics.total_train_tokens = saved["total_train_tokens"]
+        plugin.plugins.load_state_dict(saved.get("plugins"))
         logger.info(
             "kto_plugin: resumed at step %d with the checkpoint's metrics and token count", state.global_step
         )

@@ -16,6 +16,10 @@ from helpers import KTO_KEYS, assert_same_weights, kto_trainer, logged, train_ru
 from reference_cases import lora_config
 from peft import get_peft_model
 
+from family_task import build_task_tokenizer, kto_rows
+from kto_plugin import hookimpl
+from kto_plugin.demo import build_tiny_model
+
 
 def _resume_case(make_model, tokenizer, rows, tmp_path, kto_kwargs=None, **overrides):
     """(uninterrupted trainer, resumed trainer, resumed plugin)."""
@@ -346,3 +350,90 @@ def test_resume_window_kl_with_dropout_is_exact(base_model, tokenizer, rows, tmp
     assert set(want) == {3, 4}
     assert logged(resumed, {3, 4}, KTO_KEYS + ("loss", "grad_norm")) == want
     assert_same_weights(straight.model, resumed.model)
+
+
+# --- the KTO family's state (BCO's running mean, the EMA of z0, a third-party plugin's) ---
+
+
+class RunningCount:
+    """A third-party plugin with state: the training rows seen so far, logged as ``test/seen``."""
+
+    def __init__(self):
+        self.seen = 0
+
+    @hookimpl
+    def kto_metrics(self, labels, training):
+        if training:
+            self.seen += int(labels.numel())
+        return {"test/seen": float(self.seen)}
+
+    @hookimpl
+    def kto_state_dict(self):
+        return {"seen": self.seen}
+
+    @hookimpl
+    def kto_load_state_dict(self, state):
+        self.seen = 0 if state is None else state["seen"]
+
+
+FAMILY = {
+    "bco_accumulation": ({"loss_type": "bco"}, dict(per_device_train_batch_size=2, gradient_accumulation_steps=2)),
+    "ema": ({"reference_point": "ema", "reference_point_ema_decay": 0.5}, {}),
+    "ema_window": ({"reference_point": "ema", "kl_estimate": "window"},
+                   dict(per_device_train_batch_size=2, gradient_accumulation_steps=2)),
+    "bco_length_normalized_sft": ({"loss_type": "bco", "length_normalize": True, "sft_weight": 0.3}, {}),
+}
+FAMILY_KEYS = KTO_KEYS + ("loss", "grad_norm", "rewards/accuracy", "bco/delta", "sft_loss", "test/seen")
+
+
+@pytest.fixture(scope="module")
+def family_task():
+    """(tokenizer, model, rows) of tests/family_task.py: 16 short rows, none dropped or cut, desirable only (the
+    policy then raises completion log-probs in general, so z0 leaves its clamp at 0)."""
+    tokenizer = build_task_tokenizer()
+    rows = [r for r in kto_rows() if r["label"]][:16]
+    return tokenizer, build_tiny_model(len(tokenizer), hidden_size=32, seed=11), rows
+
+
+def _family_run(model, tokenizer, rows, out, kto_kwargs, resume=None, plugins=None, **overrides):
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, logging_steps=1, train_sampling_strategy="random",
+              save_only_model=False, learning_rate=1e-2)
+    kw.update(overrides)
+    kto, trainer = kto_trainer(model, tokenizer, rows, out, kto_kwargs={"warn_guidance": False, **kto_kwargs},
+                               plugin_kwargs={"plugins": [RunningCount()] if plugins is None else plugins}, **kw)
+    kto.attach(trainer)
+    trainer.train(resume_from_checkpoint=resume)
+    return kto, trainer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(FAMILY))
+def test_resume_with_family_state_is_exact(variant, family_task, tmp_path):
+    tokenizer, base_model, rows = family_task
+    kto_kwargs, overrides = FAMILY[variant]
+    first, straight = _family_run(copy.deepcopy(base_model), tokenizer, rows, tmp_path / "straight",
+                                  kto_kwargs, **overrides)
+    checkpoint = tmp_path / "straight" / "checkpoint-2"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["kto_plugin"]["plugins"]
+    stateful = "builtin:bco" if kto_kwargs.get("loss_type") == "bco" else "builtin:ema"
+    assert saved[stateful] and saved["test_resume.RunningCount"]["seen"] == 2 * 4  # after 2 steps of 4 rows
+    kto, resumed = _family_run(copy.deepcopy(base_model), tokenizer, rows, tmp_path / "resumed", kto_kwargs,
+                               resume=str(checkpoint), **overrides)
+    assert_same_weights(straight.model, resumed.model)
+    want = logged(straight, {3, 4}, FAMILY_KEYS)
+    assert set(want) == {3, 4}
+    assert logged(resumed, {3, 4}, FAMILY_KEYS) == want
+    assert kto.plugins.state_dict() == first.plugins.state_dict()
+    if stateful == "builtin:ema":
+        assert want[3]["kl"] > 0  # the moving average is not a string of zeros
+    else:
+        assert want[3]["bco/delta"] != 0
+
+
+@pytest.mark.slow
+def test_resume_without_a_plugin_whose_state_the_checkpoint_holds_is_refused(family_task, tmp_path):
+    tokenizer, base_model, rows = family_task
+    _family_run(copy.deepcopy(base_model), tokenizer, rows, tmp_path / "first", {}, max_steps=2)
+    with pytest.raises(ValueError, match=r"state of plugin\(s\) \['test_resume.RunningCount'\].*not registered"):
+        _family_run(copy.deepcopy(base_model), tokenizer, rows, tmp_path / "second", {}, plugins=[],
+                    resume=str(tmp_path / "first" / "checkpoint-2"))
