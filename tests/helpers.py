@@ -86,14 +86,15 @@ def assert_same_weights(a, b):
     assert not different, f"weights differ after resume: {different[:5]}"
 def torchrun_two(script, *script_args: str, timeout: int = 600):
     """Run `script` on two CPU processes (torchrun, gloo) from the repository root; fails the test with the output's
-    tail unless it exits 0. Returns the finished process (its ``stdout``)."""
+    tail unless it exits 0. Returns the finished process (its ``stdout``). The script runs through
+    tests/scripts/exit_after.py, which skips the interpreter's teardown once the script has returned (see there)."""
     import os
     import subprocess
     import sys
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "KTO_PLUGIN_DISABLE_AUTOLOAD": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           *script_args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "tests" / "scripts" / "exit_after.py"), str(script), *script_args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
