@@ -10,6 +10,15 @@ from ._formats import UNPAIRED
 BALANCE_RANGE = (1.0, 4 / 3)
 
 
+def duration(seconds: float) -> str:
+    """``"42 s"``, ``"3.5 min"``, ``"1.2 h"``: a duration as a person reads it in a log line."""
+    if seconds < 90:
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 @dataclass
 class DataReport:
     """What preparation did to one dataset: nothing is dropped or cut without being counted here.
@@ -34,6 +43,7 @@ class DataReport:
     completion_limited: int = 0  # completions cut to max_completion_length at preparation
     prompt_boundary_mismatch: int = 0  # tokenized prompt not a prefix of prompt+completion
     balance: str | None = None  # the paper's eq. 8 advice when desirable/undesirable are out of balance
+    seconds: float | None = None  # how long preparation took (None for a stream, prepared as it is read)
 
     def summary(self) -> str:
         kind = f"{'conversational ' if self.conversational else ''}{self.format}"
@@ -65,6 +75,8 @@ class DataReport:
             )
         if self.balance:
             parts.append(self.balance)
+        if self.seconds is not None:
+            parts.append(f"prepared in {duration(self.seconds)}")
         return "; ".join(parts)
 
 

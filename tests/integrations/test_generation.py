@@ -18,11 +18,9 @@ from kto_plugin.integrations._generation import (
     GENERATIONS_FILE,
     KTOGenerationCallback,
     distinct_prompts,
-    generation_table,
     greedy_completions,
-    log_to_wandb,
-    table_key,
 )
+from kto_plugin.integrations._trackers import generation_table, log_to_wandb, table_key
 
 
 def _read(path):
