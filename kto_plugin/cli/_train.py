@@ -134,10 +134,10 @@ class EvaluateAtTheEnd(TrainerCallback):
 def _plot_advice(out: str, embedded: bool) -> str:
     """The closing message's last sentence: the embedded demo draws its reward curves itself when matplotlib is
     there; otherwise, say how to get the figure."""
-    import importlib.util
-
-    if importlib.util.find_spec("matplotlib") is None:
-        return (f"Plot the run: pip install 'kto_plugin[plot]' (matplotlib), then kto-plugin plot {out}")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return f"Plot the run: pip install 'kto_plugin[plot]' (matplotlib), then kto-plugin plot {out}"
     if not embedded:
         return f"Plot the run: kto-plugin plot {out}"
     from ._plot import plot_run
