@@ -49,6 +49,11 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _table_entry(rows: Sequence[dict[str, Any]], split: str, step: int, module: Any) -> dict[str, Any]:
+    """What W&B and trackio log: the table, and the step their Trainer callbacks plot every key against."""
+    return {table_key(split): generation_table(rows, module), "train/global_step": step}
+
+
 def _reports_to(args: Any, name: str) -> bool:
     return name in (args.report_to or []) and importlib.util.find_spec(name) is not None
 
@@ -63,8 +68,7 @@ def log_to_wandb(rows: Sequence[dict[str, Any]], split: str, args: Any, step: in
     if run is None:
         logger.info("kto_plugin: generate_during_eval: no active W&B run; generations are in the JSONL file only.")
         return False
-    # the W&B integration plots every key against train/global_step
-    run.log({table_key(split): generation_table(rows, wandb), "train/global_step": step})
+    run.log(_table_entry(rows, split, step, wandb))
     return True
 
 
@@ -76,7 +80,7 @@ def log_to_trackio(rows: Sequence[dict[str, Any]], split: str, args: Any, step: 
 
     if trackio.context_vars.current_run.get() is None:
         return False
-    trackio.log({table_key(split): generation_table(rows, trackio), "train/global_step": step})
+    trackio.log(_table_entry(rows, split, step, trackio))
     return True
 
 

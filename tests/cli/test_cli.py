@@ -124,14 +124,6 @@ def test_config_flag_is_in_help_and_accepts_the_equals_form(tmp_path, capsys):
     assert {"beta", "lora_target_modules"} <= given
 
 
-@pytest.fixture
-def model_dir(tmp_path, base_model, tokenizer):
-    path = tmp_path / "model"
-    base_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def test_test_split_of_a_directory_is_evaluated_and_a_missing_one_refused(tmp_path, model_dir, rows):
     import datasets
 

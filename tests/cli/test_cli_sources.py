@@ -26,14 +26,6 @@ def offline_hub_cache(tmp_path, monkeypatch):
     return offline_datasets_cache(tmp_path, monkeypatch)
 
 
-@pytest.fixture
-def model_dir(tmp_path, base_model, tokenizer):
-    path = tmp_path / "model"
-    base_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def _history(out):
     return json.loads((out / "log_history.json").read_text())
 
