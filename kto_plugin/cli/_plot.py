@@ -47,13 +47,14 @@ def series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[f
 
 
 def _short(name: str) -> str:
-    """A Hub id as it is; a local path by its last part (a title names the run, not where it happened to be)."""
+    """A Hub id as it is; a local path by its last part (a title names the run, not where it happened to
+    be)."""
     return os.path.basename(os.path.normpath(name)) if os.path.exists(name) else name
 
 
 def run_title(output_dir: str) -> str:
     """The figure's title: the run's name (``run_name``, else the output folder's name) and, for a run of
-    `kto-plugin train`, what it trained on what (read from its ``training_args.json`` and ``kto_run.yaml``)."""
+    `kto-plugin train`, what it trained on what (from its ``training_args.json`` and ``kto_run.yaml``)."""
     name = None
     args_path = os.path.join(output_dir, "training_args.json")
     if os.path.isfile(args_path):

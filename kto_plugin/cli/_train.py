@@ -111,19 +111,21 @@ def train(argv: list[str]) -> int:
                                       kto.reference.describe() if kto.trainer else "initial policy"))
         print(f"\nkto-plugin: done. Outputs in {os.path.abspath(out)}: the model"
               f"{' adapter' if adapter else ''} and tokenizer, README.md (model card with the final "
-              f"metrics), kto_config.json, training_args.json, kto_run.yaml, log_history.json. {_plot_advice(out, embedded)}")
+              "metrics), kto_config.json, training_args.json, kto_run.yaml, log_history.json. "
+              + _plot_advice(out, embedded))
     return 0
 
 
 def _log_level() -> int:
-    """INFO on the main process; under torchrun the other processes log warnings only, so that each phase's line
-    (data, preparation, precompute, generation) appears once."""
+    """INFO on the main process; under torchrun the other processes log warnings only, so that each phase's
+    line (data, preparation, precompute, generation) appears once."""
     return logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
 
 
 class EvaluateAtTheEnd(TrainerCallback):
-    """Evaluates after the last step, inside `train()`: the final eval metrics then reach the `report_to` trackers
-    in the run they opened (an `evaluate()` after `train()` comes after MLflow's run was ended, and starts another)."""
+    """Evaluates after the last step, inside `train()`: the final eval metrics then reach the `report_to`
+    trackers in the run they opened (an `evaluate()` after `train()` comes after MLflow's run was ended, and starts
+    another)."""
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # "epoch" evaluates at the end of the last epoch already
@@ -132,8 +134,8 @@ class EvaluateAtTheEnd(TrainerCallback):
 
 
 def _plot_advice(out: str, embedded: bool) -> str:
-    """The closing message's last sentence: the embedded demo draws its reward curves itself when matplotlib is
-    there; otherwise, say how to get the figure."""
+    """The closing message's last sentence: the embedded demo draws its reward curves itself when matplotlib
+    is there; otherwise, say how to get the figure."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:

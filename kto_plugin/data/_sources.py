@@ -2,15 +2,16 @@
 
 `load_preference_data(source)` takes, in this order:
 
-* a file: ``.jsonl`` / ``.json`` (JSON lines, or one JSON array of rows), ``.csv``, ``.parquet``: split ``train``;
+* a file: ``.jsonl`` / ``.json`` (JSON lines, or one JSON array of rows), ``.csv``, ``.parquet``: split
+  ``train``;
 * a folder written by `Dataset.save_to_disk` (split ``train``) or `DatasetDict.save_to_disk` (its splits);
 * a folder of such files: the splits named by the file names (``train.jsonl``, ``test.jsonl``), as
   `datasets.load_dataset` reads a folder;
 * anything else: a dataset on the Hugging Face Hub by name (``trl-lib/kto-mix-14k``), with `config`. Offline
   (``HF_HUB_OFFLINE=1``) it is read from the local `datasets` cache that an earlier online load left.
 
-CSV text columns stay strings: pandas would read a completion ``" 4"`` as the number 4.0. `KTOPlugin.prepare_dataset`
-and ``kto-plugin train --dataset_name`` both load through this function.
+CSV text columns stay strings: pandas would read a completion ``" 4"`` as the number 4.0.
+`KTOPlugin.prepare_dataset` and ``kto-plugin train --dataset_name`` both load through this function.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ _TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected")
 
 
 def is_saved_dataset(path: str) -> bool:
-    """A folder written by `save_to_disk` (a `Dataset`'s ``state.json``, or a `DatasetDict`'s ``dataset_dict.json``)."""
-    return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
+    """A folder written by `save_to_disk`: a `Dataset`'s ``state.json``, or a `DatasetDict`'s
+    ``dataset_dict.json``."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json"))
 
 
 def _csv_kwargs(files: list[str]) -> dict[str, Any]:
@@ -52,14 +54,16 @@ def load_preference_data(source: str | os.PathLike, config: str | None = None) -
         ext = os.path.splitext(path)[1].lower()
         if ext not in FILE_FORMATS:
             raise ValueError(
-                f"{path!r} is a {ext or 'extension-less'} file; preference data is read from .jsonl, .json, .csv or "
-                ".parquet files, a save_to_disk folder, a folder of such files, or a Hub dataset name."
+                f"{path!r} is a {ext or 'extension-less'} file; preference data is read from .jsonl, .json, .csv "
+                "or .parquet files, a save_to_disk folder, a folder of such files, or a Hub dataset name."
             )
         return datasets.load_dataset(FILE_FORMATS[ext], data_files=path, **_csv_kwargs([path]))
     if os.path.isdir(path):
         if is_saved_dataset(path):
             saved = datasets.load_from_disk(path)
-            return saved if isinstance(saved, datasets.DatasetDict) else datasets.DatasetDict({"train": saved})
+            if isinstance(saved, datasets.DatasetDict):
+                return saved
+            return datasets.DatasetDict({"train": saved})
         files = [f for f in os.listdir(path) if os.path.splitext(f)[1].lower() in FILE_FORMATS]
         return datasets.load_dataset(path, config, **_csv_kwargs(files))
     return datasets.load_dataset(path, config)

@@ -167,8 +167,8 @@ class KTOGenerationCallback(TrainerCallback):
         append_jsonl(path, [{"split": split, **r} for r in rows])
         trackers = log_tables(rows, split, args, state.global_step, self.trainer.callback_handler.callbacks)
         logger.info(
-            "kto_plugin: %s generations at step %d: %d prompts x (policy, reference), up to %d new tokens, in "
-            "%.1f s; appended to %s%s", split, state.global_step, len(rows), self.max_new_tokens,
+            "kto_plugin: %s generations at step %d: %d prompts x (policy, reference), up to %d new tokens, "
+            "in %.1f s; appended to %s%s", split, state.global_step, len(rows), self.max_new_tokens,
             time.perf_counter() - started, path, f" and logged to {', '.join(trackers)}" if trackers else "",
         )
 

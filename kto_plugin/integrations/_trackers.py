@@ -4,12 +4,10 @@ The scalar metrics reach the trackers through the Trainer's own reporting callba
 callback runs first and adds the KTO keys to the logs they receive). A table is the plugin's own extra, logged
 here into the run the Trainer's callback for that tracker opened (nothing is logged when none is open):
 
-| tracker | what is logged | where to find it |
-|---|---|---|
-| ``wandb`` | a ``wandb.Table`` under ``<split>/generations`` with ``train/global_step`` | the run's Tables panel |
-| ``trackio`` | a ``trackio.Table`` under ``<split>/generations`` with ``train/global_step`` | the run's media view |
-| ``mlflow`` | rows appended to the artifact ``kto_generations/<split>.json`` (``mlflow.log_table``) | Artifacts, Evaluation |
-| ``tensorboard`` | a Markdown table as text summary ``<split>/generations`` at the global step | the TEXT tab |
+* ``wandb``: a ``wandb.Table`` under ``<split>/generations`` with ``train/global_step``;
+* ``trackio``: a ``trackio.Table`` under ``<split>/generations`` with ``train/global_step``;
+* ``mlflow``: rows appended to the artifact ``kto_generations/<split>.json`` (``mlflow.log_table``);
+* ``tensorboard``: a Markdown table, text summary ``<split>/generations`` at the global step (TEXT tab).
 
 Every row has the columns ``step``, ``prompt``, ``policy``, ``reference``. Only the main process calls these.
 """
@@ -27,7 +25,8 @@ TABLE_COLUMNS = ("step", "prompt", "policy", "reference")
 
 
 def table_key(split: str) -> str:
-    """Tracker key for `split` ("eval", "eval_<name>", "test"), named as the Trainer's reporters name metrics."""
+    """Tracker key for `split` ("eval", "eval_<name>", "test"), named as the Trainer's reporters name
+    metrics."""
     head, _, tail = split.partition("_")
     return f"{head}/{tail + '_' if tail else ''}generations"
 
@@ -66,7 +65,8 @@ def log_to_wandb(rows: Sequence[dict[str, Any]], split: str, args: Any, step: in
 
     run = getattr(wandb, "run", None)
     if run is None:
-        logger.info("kto_plugin: generate_during_eval: no active W&B run; generations are in the JSONL file only.")
+        logger.info("kto_plugin: generate_during_eval: no active W&B run; generations are in the JSONL file "
+                    "only.")
         return False
     run.log(_table_entry(rows, split, step, wandb))
     return True
@@ -98,7 +98,9 @@ def log_to_mlflow(rows: Sequence[dict[str, Any]], split: str, args: Any, step: i
     return True
 
 
-def log_to_tensorboard(rows: Sequence[dict[str, Any]], split: str, callbacks: Sequence[Any], step: int) -> bool:
+def log_to_tensorboard(
+    rows: Sequence[dict[str, Any]], split: str, callbacks: Sequence[Any], step: int
+) -> bool:
     """A Markdown text summary through the writer of the Trainer's `TensorBoardCallback`."""
     from transformers.integrations import TensorBoardCallback
 
@@ -110,7 +112,9 @@ def log_to_tensorboard(rows: Sequence[dict[str, Any]], split: str, callbacks: Se
     return True
 
 
-def log_tables(rows: Sequence[dict[str, Any]], split: str, args: Any, step: int, callbacks: Sequence[Any]) -> list[str]:
+def log_tables(
+    rows: Sequence[dict[str, Any]], split: str, args: Any, step: int, callbacks: Sequence[Any]
+) -> list[str]:
     """Log `rows` to every tracker of `args.report_to` that holds tables; returns the trackers logged to."""
     logged = {
         "wandb": log_to_wandb(rows, split, args, step),

@@ -126,7 +126,8 @@ def compute_reference_logps(
     source = dataset.select_columns(columns)
     results = []
     progress = PassProgress(
-        desc, len(mine), num_rows if world == 1 else None, log=logger.info if accelerator.is_main_process else None
+        desc, len(mine), num_rows if world == 1 else None,
+        log=logger.info if accelerator.is_main_process else None,
     )
     for i, rows_range in enumerate(mine):
         chunk = source[rows_range.start : rows_range.stop]

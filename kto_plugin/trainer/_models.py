@@ -100,15 +100,18 @@ def is_adapter_folder(name: str | os.PathLike) -> bool:
 def load_adapter_folder(path: str | os.PathLike, kwargs: dict[str, Any], trainable: bool) -> torch.nn.Module:
     """The base model the adapter names (``base_model_name_or_path``), loaded with `kwargs`, with the adapter.
 
-    The policy (`trainable`) is a `PeftModel` whose adapter trains further; a reference gets the adapter merged
-    into the weights (a plain frozen model, as a reference needs no adapter switching).
+    The policy (`trainable`) is a `PeftModel` whose adapter trains further; a reference gets the adapter
+    merged into the weights (a plain frozen model, as a reference needs no adapter switching).
     """
     from peft import AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM, PeftConfig
     from transformers import AutoConfig
 
     peft_config = PeftConfig.from_pretrained(os.fspath(path))
-    base = AutoConfig.from_pretrained(peft_config.base_model_name_or_path, trust_remote_code=kwargs["trust_remote_code"])
-    auto = AutoPeftModelForSeq2SeqLM if getattr(base, "is_encoder_decoder", False) else AutoPeftModelForCausalLM
+    base = AutoConfig.from_pretrained(
+        peft_config.base_model_name_or_path, trust_remote_code=kwargs["trust_remote_code"]
+    )
+    seq2seq = getattr(base, "is_encoder_decoder", False)
+    auto = AutoPeftModelForSeq2SeqLM if seq2seq else AutoPeftModelForCausalLM
     model = auto.from_pretrained(os.fspath(path), is_trainable=trainable, **kwargs)
     return model if trainable else model.merge_and_unload()
 

@@ -11,10 +11,9 @@ import sys
 import datasets
 import pytest
 import torch
+from helpers import cache_hub_dataset, offline_datasets_cache
 
 from kto_plugin.cli import main, parse_train_args
-
-from helpers import cache_hub_dataset, offline_datasets_cache
 
 FAST = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--report_to", "none",
         "--use_cpu", "true", "--max_length", "128"]
@@ -99,7 +98,8 @@ def test_help_lists_the_flags_in_sections(capsys):
     titles = ["model:", "LoRA:", "data:", "KTO (KTOConfig):", "Trainer (TrainingArguments):"]
     starts = [text.index("\n" + title + "\n") for title in titles]
     assert starts == sorted(starts)
-    sections = dict(zip(titles, (text[a:b] for a, b in zip(starts, starts[1:] + [len(text)]))))
+    bounds = zip(starts, starts[1:] + [len(text)], strict=True)
+    sections = dict(zip(titles, (text[a:b] for a, b in bounds), strict=True))
     expected = {"model:": ["--model_name_or_path", "--ref_model_name_or_path", "--dtype"],
                 "LoRA:": ["--use_peft", "--lora_r", "--lora_target_modules", "--use_rslora"],
                 "data:": ["--dataset_name", "--dataset_test_split"],

@@ -7,11 +7,10 @@ import json
 
 import datasets
 import pytest
+from helpers import cache_hub_dataset, offline_datasets_cache
 
 from kto_plugin import KTOConfig, KTOPlugin
 from kto_plugin.data import load_preference_data
-
-from helpers import cache_hub_dataset, offline_datasets_cache
 
 ROWS = [{"prompt": f"What is {i} + 1?", "completion": f" {i + 1}", "label": i % 2 == 0} for i in range(6)]
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import sys
 
 import pytest
+from helpers import args
 from transformers import Trainer
 
 import kto_plugin
-from helpers import args
 from kto_plugin import KTOConfig, KTOPlugin
 from kto_plugin.demo import build_tiny_model
 
