@@ -76,6 +76,15 @@ def test_the_run_logged_every_kto_metric_at_every_step(run):
     assert {r["step"] for r in run["generations"]} == {EVAL_STEPS, STEPS} and len(run["generations"]) == 4
 
 
+def test_each_phase_logs_one_line_from_the_main_process(run):
+    log = run["log"]
+    assert log.count("kto_plugin: prepared train (unpaired):") == 1  # the other process logs warnings only
+    for step in (EVAL_STEPS, STEPS):
+        line = f"kto_plugin: eval generations at step {step}: 2 prompts x (policy, reference), up to 4 new tokens"
+        assert log.count(line) == 1
+    assert log.count("and logged to wandb, trackio, mlflow, tensorboard") == 2
+
+
 def _assert_same(found, values):
     assert set(found) == set(values), sorted(set(values) ^ set(found))
     for key, value in values.items():
