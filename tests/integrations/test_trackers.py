@@ -78,7 +78,7 @@ def test_the_run_logged_every_kto_metric_at_every_step(run):
 
 def test_each_phase_logs_one_line_from_the_main_process(run):
     log = run["log"]
-    assert log.count("kto_plugin: prepared train (unpaired):") == 1  # the other process logs warnings only
+    assert log.count("kto_plugin: attached: loss=kto") == 1  # the other process logs warnings only
     for step in (EVAL_STEPS, STEPS):
         line = f"kto_plugin: eval generations at step {step}: 2 prompts x (policy, reference), up to 4 new tokens"
         assert log.count(line) == 1
