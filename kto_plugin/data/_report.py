@@ -43,7 +43,9 @@ class DataReport:
     completion_limited: int = 0  # completions cut to max_completion_length at preparation
     prompt_boundary_mismatch: int = 0  # tokenized prompt not a prefix of prompt+completion
     balance: str | None = None  # the paper's eq. 8 advice when desirable/undesirable are out of balance
-    seconds: float | None = None  # how long preparation took (None for a stream, prepared as it is read)
+    # how long preparation took (None for a stream, prepared as it is read); a measurement, not what was done,
+    # so two reports of the same preparation compare equal
+    seconds: float | None = field(default=None, compare=False)
 
     def summary(self) -> str:
         kind = f"{'conversational ' if self.conversational else ''}{self.format}"
