@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -165,7 +166,10 @@ class KTOPlugin:
         data = as_dataset(dataset, name)
         if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
             return type(data)({split: self.prepare_dataset(ds, name=split) for split, ds in data.items()})
+        started = time.perf_counter()
         prepared, report = Preparer(self.tokenizer, self.config, self.processor)(data, name)
+        if not report.streaming:
+            report.seconds = time.perf_counter() - started
         store_report(self.data_reports, report)
         noteworthy = (report.dropped_prompt_too_long or report.truncated or report.prompt_truncated
                       or report.completion_limited or report.balance or report.skipped_bad_rows)

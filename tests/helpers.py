@@ -108,3 +108,28 @@ def load_script(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+def cache_hub_dataset(cache_dir, repo_id, rows, tmp_path):
+    """Leave in `cache_dir` what `datasets.load_dataset(repo_id)` leaves after an online load of a Hub repository
+    holding `rows` as JSON lines: the JSON builder's Arrow files under ``<namespace>___<name>/default/0.0.0/<commit>``.
+    Built by datasets' own JSON builder (no network); `repo_id` is set after construction because the builder
+    refuses local data files for a repository it would otherwise read from the Hub."""
+    import datasets
+    from datasets.packaged_modules.json.json import Json
+
+    source = tmp_path / "hub_source.jsonl"
+    datasets.Dataset.from_list(rows).to_json(str(source))
+    builder = Json(cache_dir=str(cache_dir), dataset_name=repo_id.split("/")[1], config_name="default",
+                   config_id="default", data_files={"train": str(source)}, hash="0" * 40)
+    builder.repo_id = repo_id
+    builder._cache_dir = builder._build_cache_dir()
+    builder.download_and_prepare()
+
+
+def offline_datasets_cache(tmp_path, monkeypatch):
+    """An empty datasets cache in `tmp_path`, and datasets in offline mode (nothing may reach the network)."""
+    import datasets
+
+    cache = tmp_path / "datasets_cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    return cache

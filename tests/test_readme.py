@@ -40,6 +40,14 @@ def test_two_setup_commands_and_ci_runs_the_test_one():
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
 
 
+def test_command_one_installs_what_the_main_job_advises_next():
+    """The main job ends by drawing (or pointing at) `kto-plugin plot`, which needs matplotlib: command 1 installs
+    the `plot` extra, and that extra is matplotlib (tests/cli/test_cli_sources.py checks the demo draws the PNG)."""
+    plot_extra = re.search(r"^plot = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert '"matplotlib' in plot_extra
+    assert '-e ".[plot]"' in _setup_commands()[0]
+
+
 def test_four_line_snippet_names_the_public_api():
     snippet = re.search(r"## Add KTO to your Trainer\n\n```python\n(.*?)```", README, re.S).group(1)
     for name in ("KTOPlugin(KTOConfig(", "kto.prepare_dataset(", "data_collator=kto.collator", "kto.attach(trainer)"):

@@ -145,8 +145,13 @@ def named_source(flag: str, name: str | None) -> Iterator[None]:
 
 
 def check_tokenizer(model_name: str | None, tokenizer_name: str | None) -> None:
-    """A local model folder without tokenizer files needs ``--tokenizer_name_or_path``."""
+    """A local model folder without tokenizer files needs ``--tokenizer_name_or_path`` (an adapter folder saved
+    without one takes its base model's)."""
+    from ..trainer._models import is_adapter_folder
+
     if tokenizer_name is not None or model_name is None or not os.path.isdir(model_name):
+        return
+    if is_adapter_folder(model_name):
         return
     if not any(os.path.isfile(os.path.join(model_name, f)) for f in TOKENIZER_FILES):
         raise CLIError(

@@ -13,6 +13,7 @@ use one of the two. Errors name the column, the row index and the fix.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ import numpy as np
 from ..errors import DataError
 from ._encoding import common_prefix_length
 from ._hints import closest_column, label_fix
+from ._sources import load_preference_data
 
 UNPAIRED, PAIRED, IMPLICIT = "unpaired", "paired", "implicit_prompt"
 COLUMNS = {
@@ -181,7 +183,10 @@ def columns_from_dict(data: Mapping[str, Any], name: str) -> None:
 
 def as_dataset(data: Any, name: str = "train") -> Any:
     """A `datasets` object from what users pass: datasets objects as they are, a list of row dicts, a dict of
-    columns. Lists are checked in Python first: Arrow's own conversion errors name neither the row nor the fix."""
+    columns, or a path or Hub name (`kto_plugin.data._sources`). Lists are checked in Python first: Arrow's own
+    conversion errors name neither the row nor the fix."""
+    if isinstance(data, (str, os.PathLike)):
+        return load_preference_data(data)
     if isinstance(data, (datasets.Dataset, datasets.DatasetDict, datasets.IterableDataset,
                          datasets.IterableDatasetDict)):
         return data
@@ -205,6 +210,7 @@ def as_dataset(data: Any, name: str = "train") -> Any:
                    is_conversational(first), name, list_input=True)
         return datasets.Dataset.from_list([dict(row) for row in data])
     raise TypeError(
-        f"prepare_dataset takes a datasets.Dataset, IterableDataset, DatasetDict, a list of row dicts or a dict of "
-        f"columns, got {type(data).__name__}."
+        f"prepare_dataset takes a datasets.Dataset, IterableDataset, DatasetDict, a list of row dicts, a dict of "
+        f"columns, or a path (.jsonl/.json/.csv/.parquet file, save_to_disk folder) or Hub dataset name, got "
+        f"{type(data).__name__}."
     )

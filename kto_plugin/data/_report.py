@@ -12,6 +12,15 @@ from ._formats import UNPAIRED
 BALANCE_RANGE = (1.0, 4 / 3)
 
 
+def duration(seconds: float) -> str:
+    """``"42 s"``, ``"3.5 min"``, ``"1.2 h"``: a duration as a person reads it in a log line."""
+    if seconds < 90:
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 @dataclass
 class DataReport:
     """What preparation did to one dataset: nothing is dropped or cut without being counted here.
@@ -40,6 +49,9 @@ class DataReport:
     skipped_bad_rows: int = 0
     bad_rows: list[int] = field(default_factory=list)  # their input row indices (pairs for paired), first 10
     first_bad_row: str | None = None  # why the first one was refused
+    # how long preparation took (None for a stream, prepared as it is read); a measurement, not what was done,
+    # so two reports of the same preparation compare equal
+    seconds: float | None = field(default=None, compare=False)
 
     def summary(self) -> str:
         kind = f"{'conversational ' if self.conversational else ''}{self.format}"
@@ -76,6 +88,8 @@ class DataReport:
                 f"{self.skipped_bad_rows} malformed input rows skipped (on_bad_row='skip'; rows {self.bad_rows}"
                 f"{', ...' if self.skipped_bad_rows > len(self.bad_rows) else ''}), the first: {self.first_bad_row}"
             )
+        if self.seconds is not None:
+            parts.append(f"prepared in {duration(self.seconds)}")
         return "; ".join(parts)
 
 

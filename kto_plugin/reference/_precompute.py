@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..data._pairing import kl_partners
+from ..data._report import duration
 from ._cache import RefLogpsCache, cache_key
 from ._fingerprint import dataset_fingerprint, module_fingerprint
 from ._sharding import shards_parameters
@@ -54,6 +55,50 @@ PRECOMPUTED_COLUMNS = ("ref_logps", "ref_kl_logps", "kl_completion_ids")
 
 def _batches(num_rows: int, batch_size: int) -> list[range]:
     return [range(s, min(s + batch_size, num_rows)) for s in range(0, num_rows, batch_size)]
+
+
+class PassProgress:
+    """Log lines for a pass over `total` batches, so a long pass is never silent.
+
+    After the first batch: the rows and batches and an estimate of the whole pass (first batch's time x
+    batches); then, every `every_s` seconds, the batches done and an estimate of the time left (the mean
+    time per batch so far x batches left). A pass of one batch logs nothing here (the caller logs its end).
+    `log` is ``logger.info``-like, or None (another process than the main one: nothing is logged).
+    """
+
+    def __init__(
+        self,
+        desc: str,
+        total: int,
+        rows: int | None,
+        log: Callable[..., None] | None,
+        every_s: float = 30.0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.desc, self.total, self.rows, self.log = desc, total, rows, log
+        self.every_s, self.clock = every_s, clock
+        self.started = self.last = clock()
+
+    def step(self, done: int) -> None:
+        """Batch number `done` (1-based) has finished."""
+        if self.log is None or self.total <= 1:
+            return
+        now = self.clock()
+        elapsed = now - self.started
+        if done == 1:
+            rows = f"{self.rows} rows in " if self.rows is not None else ""
+            self.log(
+                "kto_plugin: %s: %s%d batches; the first took %s, so the pass takes about %s",
+                self.desc, rows, self.total, duration(elapsed), duration(elapsed * self.total),
+            )
+            self.last = now
+        elif done < self.total and now - self.last >= self.every_s:
+            self.log(
+                "kto_plugin: %s: %d/%d batches (%d%%) in %s, about %s left",
+                self.desc, done, self.total, 100 * done // self.total, duration(elapsed),
+                duration(elapsed / done * (self.total - done)),
+            )
+            self.last = now
 
 
 def compute_reference_logps(
@@ -83,7 +128,10 @@ def compute_reference_logps(
     ]
     source = dataset.select_columns(columns)
     results = []
-    started = time.perf_counter()
+    progress = PassProgress(
+        desc, len(mine), num_rows if world == 1 else None,
+        log=logger.info if accelerator.is_main_process else None,
+    )
     for i, rows_range in enumerate(mine):
         chunk = source[rows_range.start : rows_range.stop]
         rows = [dict(zip(chunk, values, strict=True)) for values in zip(*chunk.values(), strict=True)]
@@ -95,14 +143,7 @@ def compute_reference_logps(
                 ref_kl.float().cpu().numpy() if ref_kl is not None else None,
             )
         )
-        if (i + 1) % 50 == 0:
-            logger.info(
-                "kto_plugin: %s: %d/%d batches (%.0f s)",
-                desc,
-                i + 1,
-                len(mine),
-                time.perf_counter() - started,
-            )
+        progress.step(i + 1)
     if world > 1:
         results = gather_object(results)
     ref_logps = np.full(num_rows, np.nan, dtype=np.float32)
@@ -295,11 +336,11 @@ class ReferencePrecomputer:
                 )
             accelerator.wait_for_everyone()
             logger.info(
-                "kto_plugin: reference log-probs for %s (%d rows, batch %d) computed in %.1f s%s",
+                "kto_plugin: reference log-probs for %s (%d rows, batch %d) computed in %s%s",
                 name,
                 num_rows,
                 batch_size,
-                time.perf_counter() - started,
+                duration(time.perf_counter() - started),
                 f" and cached at {saved}" if saved else "",
             )
         out = dataset.add_column("ref_logps", arrays["ref_logps"].astype(np.float32))

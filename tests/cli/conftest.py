@@ -7,6 +7,7 @@ import pytest
 
 @pytest.fixture
 def model_dir(tmp_path, base_model, tokenizer):
+    """A model folder as `save_pretrained` writes it, with its tokenizer."""
     path = tmp_path / "model"
     base_model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -549,3 +549,17 @@ def test_a_list_that_is_not_messages_names_its_row(tokenizer, rows):
     every = Dataset.from_list([{**r, "completion": [r["completion"]]} for r in rows[:4]])  # Arrow accepts these
     with pytest.raises(ValueError, match=r"row 0: 'completion' is a list of str, not a string or a list of "):
         kto.prepare_dataset(every)
+
+
+def test_preparation_logs_one_line_with_counts_and_time(tokenizer, rows, caplog):
+    kto = KTOPlugin(KTOConfig(max_length=1024), tokenizer=tokenizer)
+    with caplog.at_level(logging.INFO, logger="kto_plugin"):
+        kto.prepare_dataset(rows[:20])
+        kto.prepare_dataset(IterableDataset.from_generator(lambda: iter(rows[:4])), name="stream")
+    lines = [r.getMessage() for r in caplog.records if "prepared" in r.getMessage()]
+    assert len(lines) == 2
+    assert re.fullmatch(r"kto_plugin: prepared train \(unpaired\): 20 rows from 20 input rows; 10 desirable / "
+                        r"10 undesirable; prepared in \d+\.\d s", lines[0]), lines[0]
+    assert kto.data_reports["train"].seconds > 0
+    # a stream is prepared as it is read: no time, and the counts are those read so far
+    assert "streaming: counts so far" in lines[1] and "prepared in" not in lines[1]

@@ -161,7 +161,7 @@ def test_docs_resume_snippet_attaches_before_resuming():
 def test_resume_with_model_init_copies_the_reference_before_the_checkpoint_loads(base_model, tokenizer, rows,
                                                                                tmp_path):
     """With `model_init`, `train()` builds the model and then loads the checkpoint into it; the frozen copy is
-    taken in between (`compat.rebinding_model_init`), so it is the initial policy."""
+    taken in between (`kto_plugin.integrations._hpo.RebindingModelInit`), so it is the initial policy."""
     from helpers import args
     from transformers import Trainer
 
