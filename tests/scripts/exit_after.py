@@ -8,6 +8,7 @@ passed. An exception raised by the script still propagates (exit status 1), so a
     python -m torch.distributed.run --nproc_per_node 2 tests/scripts/exit_after.py SCRIPT [ARGS...]
 """
 
+import atexit
 import os
 import runpy
 import sys
@@ -15,6 +16,7 @@ import sys
 if __name__ == "__main__":
     script, sys.argv = sys.argv[1], sys.argv[1:]
     runpy.run_path(script, run_name="__main__")
+    atexit._run_exitfuncs()  # what Python runs at exit, but not the C++ static destruction
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
