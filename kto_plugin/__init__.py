@@ -9,15 +9,19 @@ manager and the built-in losses), `trainer/` (attach/detach through one ledger, 
 (the `kto-plugin` command) and `demo/` (the embedded tiny default).
 """
 
+from ._logging import install_default_handler
 from ._version import __version__
 from .config import KTOConfig
 from .data import KTOCollator, KTOLabels
-from .errors import KTOPluginWarning, NonFiniteLossError, PluginError, PluginValidationError
+from .errors import DataError, KTOPluginWarning, NonFiniteLossError, PluginError, PluginValidationError
 from .hooks import KTOPluginManager
 from .hookspecs import hookimpl, hookspec
 from .plugin import KTOPlugin
 
+install_default_handler()  # the summaries of prepare_dataset and attach() on screen by default
+
 __all__ = [
+    "DataError",
     "KTOCollator",
     "KTOConfig",
     "KTOLabels",

@@ -1,11 +1,16 @@
 """`KTOConfig`: every KTO setting, as a dataclass that `HfArgumentParser` parses next to `TrainingArguments`.
 
 Field names and defaults follow TRL 1.16's `KTOConfig` where the two overlap, so a TRL config carries over;
-`max_prompt_length`, `truncation_mode` and `kl_estimate` are ours.
+`max_prompt_length`, `truncation_mode`, `kl_estimate` and the KTO family's options (`length_normalize`,
+`reference_point`, `sft_weight`, humanline's clamp) are ours.
+
+Why one module over 400 lines: `HfArgumentParser` parses one dataclass, and each field's help and its check in
+`__post_init__` read best side by side; splitting the class would split both.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -13,7 +18,9 @@ from typing import Any
 TRUNCATION_MODES = ("keep_start", "keep_end")
 PEFT_REFERENCES = ("auto", "initial_adapter", "base")
 KL_ESTIMATES = ("batch", "window")
+REFERENCE_POINTS = ("mean", "positive_mean", "ema")
 NONFINITE_POLICIES = ("warn", "raise", "skip")
+BAD_ROW_POLICIES = ("raise", "skip")
 LENGTH_BUCKETS = ("auto", "on", "off")
 
 PAIRED_ORDERS = ("trl", "interleaved")
@@ -31,8 +38,9 @@ class KTOConfig:
     loss_type: str = field(
         default="kto",
         metadata={
-            "help": "Loss: 'kto', 'apo_zero_unpaired', or any name a registered plugin implements "
-            "(see `kto_plugin.hookspecs.kto_loss`)."
+            "help": "Loss: 'kto', 'apo_zero_unpaired', 'bco' (binary classifier optimisation, running-mean delta), "
+            "'humanline' (KTO with per-token log-ratios clamped), or any name a registered plugin implements "
+            "(see `kto_plugin.hookspecs.kto_loss` and docs/losses.md)."
         },
     )
     desirable_weight: float = field(
@@ -42,6 +50,44 @@ class KTOConfig:
     undesirable_weight: float = field(
         default=1.0,
         metadata={"help": "Weight lambda_U of undesirable examples' losses (paper eq. 8)."},
+    )
+    length_normalize: bool = field(
+        default=False,
+        metadata={
+            "help": "Length-normalised rewards: each row's log-ratio (and each KL pair's) is divided by its number "
+            "of completion tokens, an average rather than a sum (kto, bco, humanline, apo_zero_unpaired)."
+        },
+    )
+    reference_point: str = field(
+        default="mean",
+        metadata={
+            "help": "The reference point z0 of losses with a KL term: 'mean' (KTO paper: the mean mismatched-pair "
+            "log-ratio, clamped at 0), 'positive_mean' (the mean over positive log-ratios only) or 'ema' (an "
+            "exponential moving average of 'mean' across steps, reference_point_ema_decay).",
+            "choices": list(REFERENCE_POINTS),
+        },
+    )
+    reference_point_ema_decay: float = field(
+        default=0.9,
+        metadata={
+            "help": "With reference_point='ema': z0 = decay * previous + (1 - decay) * this estimate, updated once "
+            "per training micro-batch (kl_estimate='window': once per optimizer step). In [0, 1)."
+        },
+    )
+    sft_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight gamma of an SFT term added to any loss: gamma * mean over the micro-batch's desirable "
+            "rows of the per-token negative log-likelihood (LLaMA-Factory's pref_ftx). 0: off; logged as sft_loss."
+        },
+    )
+    humanline_min_log_ratio: float = field(
+        default=-1.0,
+        metadata={"help": "loss_type='humanline': lower clamp of each token's log-ratio (HALOs log_epsilon_P)."},
+    )
+    humanline_max_log_ratio: float = field(
+        default=1.5,
+        metadata={"help": "loss_type='humanline': upper clamp of each token's log-ratio (HALOs log_epsilon_R)."},
     )
     kl_estimate: str = field(
         default="batch",
@@ -120,6 +166,16 @@ class KTOConfig:
     dataset_num_proc: int | None = field(
         default=None,
         metadata={"help": "Processes for dataset preparation (`datasets.map(num_proc=...)`)."},
+    )
+    on_bad_row: str = field(
+        default="raise",
+        metadata={
+            "help": "What a malformed text row (None or empty text, a label that is not a bool, mixed formats, a "
+            "completion with no token) does in prepare_dataset, also when a stream is read during training: 'raise' "
+            "(a ValueError naming the row and the dataset) or 'skip' (left out, counted in "
+            "kto.data_reports[name].skipped_bad_rows with the first rows and reason, and logged).",
+            "choices": list(BAD_ROW_POLICIES),
+        },
     )
 
     # --- reference model ---
@@ -271,6 +327,13 @@ class KTOConfig:
         },
     )
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> KTOConfig:
+        # before the dataclass __init__'s bare "unexpected keyword argument": say where a migrated field belongs
+        unknown = [name for name in kwargs if name not in {f.name for f in fields(cls)}]
+        if unknown:
+            raise TypeError(unknown_fields_message(cls, unknown))
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         for name in ("model_init_kwargs", "ref_model_init_kwargs"):
             value = getattr(self, name)
@@ -347,12 +410,31 @@ class KTOConfig:
             raise ValueError(
                 f"KTOConfig.length_buckets must be one of {LENGTH_BUCKETS}, got {self.length_buckets!r}."
             )
+        if self.reference_point not in REFERENCE_POINTS:
+            raise ValueError(
+                f"KTOConfig.reference_point must be one of {REFERENCE_POINTS}, got {self.reference_point!r}."
+            )
+        if not 0.0 <= self.reference_point_ema_decay < 1.0:
+            raise ValueError(
+                f"KTOConfig.reference_point_ema_decay must be in [0, 1), got {self.reference_point_ema_decay}: 1 would "
+                "never move z0 from its first estimate."
+            )
+        if not self.sft_weight >= 0:
+            raise ValueError(f"KTOConfig.sft_weight must be >= 0 (0: no SFT term), got {self.sft_weight}.")
+        if not self.humanline_min_log_ratio < 0 < self.humanline_max_log_ratio:
+            raise ValueError(
+                "KTOConfig.humanline_min_log_ratio must be < 0 and humanline_max_log_ratio > 0 (a token whose policy "
+                f"equals the reference must stay unclamped), got {self.humanline_min_log_ratio} and "
+                f"{self.humanline_max_log_ratio}. Humanline's defaults are -1.0 and 1.5."
+            )
         if self.kl_estimate not in KL_ESTIMATES:
             raise ValueError(f"KTOConfig.kl_estimate must be one of {KL_ESTIMATES}, got {self.kl_estimate!r}.")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
                 f"KTOConfig.on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}."
             )
+        if self.on_bad_row not in BAD_ROW_POLICIES:
+            raise ValueError(f"KTOConfig.on_bad_row must be one of {BAD_ROW_POLICIES}, got {self.on_bad_row!r}.")
         for name in ("generate_num_prompts", "generate_max_new_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -379,3 +461,36 @@ class KTOConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (for logs, model cards and cache keys)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# TRL KTOConfig fields kto_plugin does not support (docs/migrating-from-trl.md says why)
+UNSUPPORTED_TRL_FIELDS = ("use_liger_loss", "base_model_attribute_name")
+
+
+def unknown_fields_message(cls: type, unknown: list[str]) -> str:
+    """Where each keyword `KTOConfig` does not take belongs: `TrainingArguments` (TRL's KTOConfig holds both), no
+    support, or a close field name."""
+    from transformers import TrainingArguments
+
+    training = {f.name for f in fields(TrainingArguments)}
+    ours = [f.name for f in fields(cls)]
+    parts = []
+    moved = [name for name in unknown if name in training]
+    if moved:
+        given = ", ".join(f"{name}=..." for name in moved)
+        parts.append(
+            f"KTOConfig got {', '.join(moved)}: "
+            f"{'a TrainingArguments field' if len(moved) == 1 else 'TrainingArguments fields'}. Unlike TRL's KTOConfig, "
+            "KTOConfig holds only the KTO settings (beta, loss_type, max_length, ...): give "
+            f"{'it' if len(moved) == 1 else 'them'} to TrainingArguments({given}), which goes to Trainer(args=...) "
+            "(docs/migrating-from-trl.md shows a TRL script before and after)."
+        )
+    for name in unknown:
+        if name in UNSUPPORTED_TRL_FIELDS:
+            parts.append(f"{name} is a TRL KTOConfig field kto_plugin does not support (docs/migrating-from-trl.md "
+                         "says why); remove it.")
+        elif name not in training:
+            match = difflib.get_close_matches(name, ours, n=1, cutoff=0.6)
+            hint = f" Did you mean {match[0]!r}?" if match else " Its fields are listed in docs/configuration.md."
+            parts.append(f"KTOConfig has no field {name!r}.{hint}")
+    return " ".join(parts)

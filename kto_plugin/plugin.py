@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -15,6 +16,7 @@ from .config import KTOConfig
 from .data import DataReport, KTOCollator, VisionKTOCollator
 from .data._formats import as_dataset
 from .data._prepare import Preparer
+from .data._report import store_report
 from .data._vision import is_processor
 from .hooks import KTOPluginManager
 from .reference import ReferenceManager, ReferenceMode
@@ -136,6 +138,7 @@ class KTOPlugin:
         self.loss_hook = KTOComputeLoss(
             self.config, self.plugins, self.reference, self.metrics, self.needs_kl, self.nonfinite
         )
+        self.loss_hook.inputs = self.plugins.check_config(self.config, self.needs_kl)
         self.data_reports: dict[str, DataReport] = {}
         self.trainer: Trainer | None = None
         # every change attach() makes: to the Trainer (`ledger`) and to the policy it trains (`binding`)
@@ -163,10 +166,13 @@ class KTOPlugin:
         data = as_dataset(dataset, name)
         if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
             return type(data)({split: self.prepare_dataset(ds, name=split) for split, ds in data.items()})
+        started = time.perf_counter()
         prepared, report = Preparer(self.tokenizer, self.config, self.processor)(data, name)
-        self.data_reports[name] = report
+        if not report.streaming:
+            report.seconds = time.perf_counter() - started
+        store_report(self.data_reports, report)
         noteworthy = (report.dropped_prompt_too_long or report.truncated or report.prompt_truncated
-                      or report.completion_limited or report.balance)
+                      or report.completion_limited or report.balance or report.skipped_bad_rows)
         logger.log(logging.WARNING if noteworthy else logging.INFO, "kto_plugin: prepared %s", report.summary())
         return prepared
 
@@ -239,6 +245,7 @@ class KTOPlugin:
         # plugins registered since construction (kto.plugins.register) count too
         self.plugins.check()
         self.needs_kl = self.loss_hook.needs_kl = self.collator.build_kl = self.plugins.needs_kl(self.config)
+        self.loss_hook.inputs = self.plugins.check_config(self.config, self.needs_kl)
         validate(self, trainer)
         self._load_named_reference(trainer.accelerator.unwrap_model(trainer.model))  # may fail: before any change
         if self.reference.released_given and self.reference.given_ref_model is None:

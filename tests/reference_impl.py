@@ -87,3 +87,61 @@ def naive_seq2seq_completion_logps(model, prompt_ids, completion_ids) -> torch.T
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         out.append(log_probs.gather(-1, labels[0, :, None]).sum())  # position t predicts completion token t
     return torch.stack(out)
+
+
+# --- the KTO family (kto_plugin.loss, docs/losses.md), one example at a time ---
+
+
+def naive_token_logps(model, prompt_ids, completion_ids) -> torch.Tensor:
+    """(n,) log pi(c_t | prompt, c_<t) of each completion token of one unpadded row, from full-vocabulary logits."""
+    ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
+    log_probs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    start = len(prompt_ids)
+    return torch.stack([log_probs[t - 1, ids[0, t]] for t in range(start, ids.shape[1])])
+
+
+def naive_log_ratio(policy_tokens, reference_tokens, clamp=None, normalize=False):
+    """r of one row from its per-token log-probs: the plain sum, or humanline's sum of clamped token ratios;
+    divided by the token count when length-normalised."""
+    total = policy_tokens.new_zeros(())
+    for p, q in zip(policy_tokens, reference_tokens):
+        ratio = p - q
+        if clamp is not None:
+            ratio = torch.clamp(ratio, clamp[0], clamp[1])
+        total = total + ratio
+    return total / max(len(policy_tokens), 1) if normalize else total
+
+
+def naive_positive_mean(kl_ratios):
+    """Mean over the positive mismatched-pair log-ratios only; 0 when none is positive."""
+    positive = [float(r) for r in kl_ratios if float(r) > 0]
+    return math.fsum(positive) / len(positive) if positive else 0.0
+
+
+def naive_bco_losses(log_ratios, labels, delta, beta):
+    """-log sigmoid(beta r - delta) for desirable rows, -log sigmoid(-(beta r - delta)) for undesirable ones."""
+    out = []
+    for i in range(log_ratios.shape[0]):
+        logit = beta * log_ratios[i] - delta
+        out.append(torch.log(1 + torch.exp(-logit)) if bool(labels[i]) else torch.log(1 + torch.exp(logit)))
+    return torch.stack(out)
+
+
+def naive_sft_term(policy_logps, num_tokens, labels, weight):
+    """weight * mean over desirable rows of -log pi(y|x) / |y|."""
+    terms = [-policy_logps[i] / num_tokens[i] for i in range(len(labels)) if bool(labels[i])]
+    return weight * (sum(terms) / len(terms)) if terms else policy_logps.sum() * 0.0
+
+
+def naive_reward_accuracy(log_ratios, labels, reference_point):
+    right = [(float(r) > reference_point) if bool(d) else (float(r) < reference_point)
+             for r, d in zip(log_ratios, labels)]
+    return sum(right) / len(right)
+
+
+def naive_auroc(scores, labels):
+    """Pairs (desirable, undesirable) where the desirable row scores higher, ties counting 1/2, over all pairs."""
+    pos = [float(s) for s, d in zip(scores, labels) if bool(d)]
+    neg = [float(s) for s, d in zip(scores, labels) if not bool(d)]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))

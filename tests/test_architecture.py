@@ -108,7 +108,7 @@ def test_every_internal_module_is_private_and_the_public_surface_is_what_the_doc
         assert len(parts) <= 1 or (len(parts) == 2 and parts[1].startswith("_")), name
     top = {p.stem for p in PACKAGE.glob("*.py")} | {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
     assert top == {
-        "__init__", "_version", "config", "errors", "hookspecs", "loss", "plugin",
+        "__init__", "_logging", "_version", "config", "errors", "hookspecs", "loss", "plugin",
         "data", "reference", "step", "hooks", "trainer", "integrations", "cli", "demo",
     }
     documented = set(re.findall(r"`(\w+)`", (PACKAGE.parent / "docs" / "README.md").read_text()))

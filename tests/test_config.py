@@ -38,6 +38,12 @@ def test_defaults_follow_trl():
         ({"label_pad_token_id": 5}, "completion tokens with that id would be dropped"),
         ({"padding_value": -1}, "padding_value must be a token id"),
         ({"truncation_mode": "middle"}, "truncation_mode must be one of"),
+        ({"reference_point": "median"}, "reference_point must be one of"),
+        ({"reference_point_ema_decay": 1.0}, "reference_point_ema_decay must be in \\[0, 1\\)"),
+        ({"reference_point_ema_decay": -0.1}, "reference_point_ema_decay must be in"),
+        ({"sft_weight": -0.1}, "sft_weight must be >= 0"),
+        ({"humanline_min_log_ratio": 0.5}, "humanline_min_log_ratio must be < 0"),
+        ({"humanline_max_log_ratio": -0.5}, "humanline_max_log_ratio > 0"),
         ({"kl_estimate": "epoch"}, "kl_estimate must be one of"),
         ({"loss_type": ""}, "loss_type must be a non-empty string"),
         ({"model_init_kwargs": "{not json"}, "model_init_kwargs must be a dict or a JSON object"),
@@ -72,3 +78,24 @@ def test_documented_kto_trainer_defaults():
     config = KTOConfig()
     assert config.label_pad_token_id == -100
     assert config.padding_value is None and config.max_completion_length is None
+
+
+def test_training_arguments_in_kto_config_are_sent_to_training_arguments():
+    """A TRL script migrated as written: TRL's KTOConfig also holds the TrainingArguments."""
+    with pytest.raises(TypeError, match=r"^KTOConfig got output_dir, learning_rate: TrainingArguments fields\..*"
+                       r"give them to TrainingArguments\(output_dir=\.\.\., learning_rate=\.\.\.\), which goes to "
+                       r"Trainer\(args=\.\.\.\)"):
+        KTOConfig(output_dir="out", beta=0.1, learning_rate=1e-6)
+    with pytest.raises(TypeError, match=r"KTOConfig has no field 'betta'\. Did you mean 'beta'\?"):
+        KTOConfig(betta=0.1)
+    with pytest.raises(TypeError, match=r"use_liger_loss is a TRL KTOConfig field kto_plugin does not support"):
+        KTOConfig(use_liger_loss=True)
+
+
+def test_kto_config_still_copies_pickles_and_replaces():
+    import copy
+    import pickle
+
+    config = KTOConfig(beta=0.2)
+    assert copy.deepcopy(config) == config == pickle.loads(pickle.dumps(config))
+    assert dataclasses.replace(config, beta=0.3).beta == 0.3

@@ -20,14 +20,12 @@ the policy then raises completion log-probs in general, so z0 leaves its clamp a
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import load_script, torchrun_two
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "multi_process.py"
@@ -42,29 +40,19 @@ TWO_PROCESS = {
 }
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("multi_process_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def example():
-    return _example()
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")
 def two_process(tmp_path_factory):
     """{setup name: [rank 0 result, rank 1 result]} from one torchrun launch."""
     out = tmp_path_factory.mktemp("two_process")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-           "--output_dir", str(out / "runs"), "--results_dir", str(out / "results"), "--desirable_only"]
+    args = ["--output_dir", str(out / "runs"), "--results_dir", str(out / "results"), "--desirable_only"]
     for setup in TWO_PROCESS.values():
-        cmd += ["--setup", setup]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "KTO_PLUGIN_DISABLE_AUTOLOAD": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        args += ["--setup", setup]
+    proc = torchrun_two(SCRIPT, *args)
     assert proc.stdout.count("weights identical on every rank: True") == len(TWO_PROCESS), proc.stdout
     return {
         name: [torch.load(out / "results" / f"{name}.rank{r}.pt", weights_only=False) for r in (0, 1)]
@@ -146,20 +134,15 @@ def test_fsdp2_reference_prepared_sharded_frozen_and_exact():
     (accelerate 1.15 turns FSDP on only for accelerator devices, so a Trainer on CPU cannot run FSDP; the
     script hands `prepare_reference` accelerate's own FSDP plugin, as the Trainer would on GPUs.)
     """
-    script = ROOT / "tests" / "scripts" / "fsdp_reference.py"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = torchrun_two(ROOT / "tests" / "scripts" / "fsdp_reference.py", timeout=300)
     assert "FSDP-REFERENCE-OK" in proc.stdout
 
 
 def test_nonfinite_on_one_rank_is_reported_and_skipped_on_both():
     """`on_nonfinite="skip"`: a NaN row that only rank 1 trains on is reported on both ranks with its row index
-    and drops step 2's update on both, so the ranks stay identical (`tests/scripts/nonfinite_two_process.py`)."""
-    script = ROOT / "tests" / "scripts" / "nonfinite_two_process.py"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "KTO_PLUGIN_DISABLE_AUTOLOAD": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    and drops step 2's update on both, so the ranks stay identical. `on_nonfinite="raise"`: both ranks raise in
+    step 2 with the same message and stay in step (a barrier after it passes), within the subprocess timeout: nothing
+    hangs (`tests/scripts/nonfinite_two_process.py`)."""
+    proc = torchrun_two(ROOT / "tests" / "scripts" / "nonfinite_two_process.py", timeout=300)
     assert "NONFINITE-OK" in proc.stdout
+    assert "NONFINITE-RAISE-OK" in proc.stdout

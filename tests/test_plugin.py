@@ -354,11 +354,15 @@ def test_an_attached_trainer_pickles_and_the_copy_trains_and_detaches(model, tok
     assert copy_.compute_loss_func is None
 
 
-def test_train_is_wrapped_only_for_sync_ref_model(model, tokenizer, rows, tmp_path):
+def test_by_default_only_train_is_wrapped(model, tokenizer, rows, tmp_path):
+    """`train` always (it resumes from the last complete checkpoint, `kto_plugin.trainer`); the other methods
+    only when a setting needs them. `detach` removes the instance attribute again."""
     kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path)
     kto.attach(trainer)
-    assert "train" not in vars(trainer)
+    assert "train" in vars(trainer)
     assert "get_batch_samples" not in vars(trainer) and "training_step" not in vars(trainer)
+    kto.detach()
+    assert "train" not in vars(trainer)
 
 
 def test_a_wrapped_method_with_another_signature_is_refused_at_attach(model, tokenizer, rows, tmp_path):
@@ -379,3 +383,25 @@ def test_a_wrapped_method_with_another_signature_is_refused_at_attach(model, tok
         kto.attach(trainer)
     _assert_restored(before, _snapshot(trainer))
     assert kto.trainer is None
+
+
+@pytest.mark.parametrize("remove_unused_columns", [True, False])
+def test_forgotten_attach_says_to_call_attach(model, tokenizer, rows, tmp_path, remove_unused_columns):
+    """The README's four lines without line 4: the default Trainer strips the KTO columns (the collator
+    says so); with remove_unused_columns=False the model computes its own loss from the KTO labels."""
+    kto, trainer = kto_trainer(model, tokenizer, rows[:8], tmp_path, kto_kwargs={"max_length": 1024},
+                               remove_unused_columns=remove_unused_columns)
+    error = KeyError if remove_unused_columns else TypeError
+    with pytest.raises(error, match=r"call kto\.attach\(trainer\) before trainer\.train\(\)"):
+        trainer.train()
+    with pytest.raises(error, match=r"call kto\.attach\(trainer\) before trainer\.train\(\)"):
+        trainer.evaluate(eval_dataset=trainer.train_dataset)
+
+
+def test_loss_hook_set_by_hand_says_to_call_attach(model, tokenizer, rows, tmp_path):
+    kto = KTOPlugin(KTOConfig(max_length=1024), tokenizer=tokenizer)
+    trainer = Trainer(model=model, args=args(tmp_path, remove_unused_columns=False),
+                      train_dataset=kto.prepare_dataset(rows[:8]), data_collator=kto.collator,
+                      compute_loss_func=kto.loss_hook)
+    with pytest.raises(RuntimeError, match=r"call kto\.attach\(trainer\) before trainer\.train\(\)"):
+        trainer.train()

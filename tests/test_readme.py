@@ -40,6 +40,14 @@ def test_two_setup_commands_and_ci_runs_the_test_one():
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
 
 
+def test_command_one_installs_what_the_main_job_advises_next():
+    """The main job ends by drawing (or pointing at) `kto-plugin plot`, which needs matplotlib: command 1 installs
+    the `plot` extra, and that extra is matplotlib (tests/cli/test_cli_sources.py checks the demo draws the PNG)."""
+    plot_extra = re.search(r"^plot = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert '"matplotlib' in plot_extra
+    assert '-e ".[plot]"' in _setup_commands()[0]
+
+
 def test_four_line_snippet_names_the_public_api():
     snippet = re.search(r"## Add KTO to your Trainer\n\n```python\n(.*?)```", README, re.S).group(1)
     for name in ("KTOPlugin(KTOConfig(", "kto.prepare_dataset(", "data_collator=kto.collator", "kto.attach(trainer)"):
@@ -192,9 +200,13 @@ def _first_step_loss(trainer) -> float:
 
 def test_four_line_snippet_runs_as_written(tokenizer, model, rows, tmp_path):
     snippet = _python_block_after(r"## Add KTO to your Trainer\n")
-    namespace = {"tokenizer": tokenizer, "model": model, "raw_rows": rows[:8], "args": args(tmp_path, max_steps=1)}
+    namespace = {"tokenizer": tokenizer, "model": model, "raw_rows": rows[:8], "raw_eval_rows": rows[8:12],
+                 "args": args(tmp_path, max_steps=1)}
     exec(compile(snippet, "README.md", "exec"), namespace)
     assert namespace["kto"].config.beta == 0.1 and namespace["trainer"].state.global_step == 1
+    reports = namespace["kto"].data_reports  # the eval set is reported under its own name
+    assert (reports["train"].rows_in, reports["eval"].rows_in) == (8, 4)
+    assert len(namespace["trainer"].eval_dataset) == reports["eval"].rows_out
     # step 1: policy == its frozen initial copy, so every reward is 0 and the KTO loss is 1 - sigmoid(0)
     assert _first_step_loss(namespace["trainer"]) == pytest.approx(0.5, abs=1e-6)
 
@@ -204,10 +216,15 @@ def test_migration_snippet_runs_as_written(tokenizer, model, rows, tmp_path):
     namespace = {"tokenizer": tokenizer, "model": model, "raw": rows[:8], "out": str(tmp_path),
                  "TrainingArguments": TrainingArguments, "Trainer": Trainer, "KTOConfig": KTOConfig,
                  "KTOPlugin": KTOPlugin}
-    short = "learning_rate=1e-6, max_steps=1, logging_steps=1, report_to='none')"
-    exec(compile(snippet.replace("learning_rate=1e-6)", short), "docs/migrating-from-trl.md", "exec"), namespace)
+    short = 'train_sampling_strategy="sequential", max_steps=1, logging_steps=1, report_to="none")'
+    assert 'train_sampling_strategy="sequential")' in snippet
+    snippet = snippet.replace('train_sampling_strategy="sequential")', short)
+    exec(compile(snippet, "docs/migrating-from-trl.md", "exec"), namespace)
     trainer = namespace["trainer"]
     assert trainer.args.learning_rate == 1e-6 and namespace["kto"].config.beta == 0.1
+    assert trainer.args.train_sampling_strategy == "sequential" and trainer.processing_class is tokenizer
+    trainer.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "tokenizer.json").exists()  # the tokenizer is saved with the model, as TRL does
     assert _first_step_loss(trainer) == pytest.approx(0.5, abs=1e-6)
 
 

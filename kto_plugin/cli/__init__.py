@@ -8,7 +8,8 @@
 
 `train` works unchanged under `accelerate launch` and `torchrun` (``python -m kto_plugin.cli train ...``).
 ``_args`` (flags), ``_train`` (the train command), ``_plot`` (the plot command), ``_model_card`` (the output
-folder's README).
+folder's README), ``_errors`` (a mistake as one line and an exit status; ``KTO_PLUGIN_TRACEBACK=1`` shows the
+traceback).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 
 from .._version import __version__
 from ._args import DataArguments, ModelArguments, parse_train_args
+from ._errors import did_you_mean, run
 from ._train import train
 
 __all__ = ["DataArguments", "ModelArguments", "main", "parse_train_args", "train"]
@@ -55,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         top.print_help()
         return 2
     if argv[0] not in COMMANDS:
+        if not argv[0].startswith("-"):
+            print(f"kto-plugin: error: unknown command {argv[0]!r}.{did_you_mean(argv[0], sorted(COMMANDS), repr)} "
+                  f"Commands: {', '.join(sorted(COMMANDS))}.", file=sys.stderr)
+            return 2
         top.parse_args(argv)  # --help, --version, or an error naming the valid commands
         return 2
-    return COMMANDS[argv[0]](argv[1:])
+    return run(COMMANDS[argv[0]], argv[1:], f"kto-plugin {argv[0]}")
 

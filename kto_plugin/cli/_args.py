@@ -4,9 +4,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from ._errors import check_flags, did_you_mean, usage_error
+
+logger = logging.getLogger("kto_plugin")
 
 DEMO_PAIRS = 300
 # The embedded default trains a tiny randomly initialised model, for which the paper's learning rates (made
@@ -27,7 +34,13 @@ class ModelArguments:
     """The policy (and optionally a separate reference). No model named: a tiny Llama built in code."""
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Hub id or local path of the policy. None: the embedded tiny model."}
+        default=None,
+        metadata={"help": "Hub id or local folder of the policy (save_pretrained output, or a PEFT adapter folder: its "
+                          "base model with the adapter, which trains further). None: the embedded tiny model."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local path of the tokenizer. None: the model's own "
+                                "(--model_name_or_path must then hold one)."}
     )
     model_revision: str | None = field(default=None, metadata={"help": "Model revision (branch, tag, commit)."})
     ref_model_name_or_path: str | None = field(
@@ -58,7 +71,8 @@ class DataArguments:
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Hub dataset id, a local .json/.jsonl/.csv/.parquet file, or a directory of them."},
+        metadata={"help": "A local .jsonl/.json/.csv/.parquet file, a save_to_disk folder, a folder of such files "
+                          "(one per split), or a Hub dataset id (offline: read from the local datasets cache)."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -68,30 +82,23 @@ class DataArguments:
     )
 
 
-_LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
 def load_data(data_args: DataArguments) -> Any:
-    """A DatasetDict from a local file or directory, or from the Hub."""
-    import datasets
+    """The splits of --dataset_name (`kto_plugin.data.load_preference_data`: a file, a save_to_disk folder, a folder
+    of files or a Hub dataset), with one log line saying what was read and how long it took."""
+    from ..data import load_preference_data
+    from ..data._report import duration
+    from ..data._sources import describe_source
 
     name = data_args.dataset_name
-    ext = os.path.splitext(name)[1].lower()
-    if os.path.isfile(name):
-        if ext not in _LOCAL_FORMATS:
-            raise SystemExit(f"kto-plugin train: {name!r} is not a .json, .jsonl, .csv or .parquet file.")
-        return datasets.load_dataset(_LOCAL_FORMATS[ext], data_files=name, **_csv_kwargs([name]))
-    if os.path.isdir(name):
-        files = [f for f in os.listdir(name) if os.path.splitext(f)[1].lower() in _LOCAL_FORMATS]
-        return datasets.load_dataset(name, data_args.dataset_config, **_csv_kwargs(files))
-    return datasets.load_dataset(name, data_args.dataset_config)
-
-
-def _csv_kwargs(files: list[str]) -> dict[str, Any]:
-    """CSV text columns stay strings: pandas would read a completion " 4" as the float 4.0."""
-    if not files or any(os.path.splitext(f)[1].lower() != ".csv" for f in files):
-        return {}
-    return {"converters": dict.fromkeys(("prompt", "completion", "chosen", "rejected"), str)}
+    started = time.perf_counter()
+    try:
+        data = load_preference_data(name, data_args.dataset_config)
+    except ValueError as err:
+        raise SystemExit(f"kto-plugin train: {err}") from None
+    splits = ", ".join(f"{split} {len(rows)} rows" for split, rows in data.items())
+    logger.info("kto-plugin: loaded %s (%s): %s in %s", name, describe_source(name), splits,
+                duration(time.perf_counter() - started))
+    return data
 
 
 def _parser() -> Any:
@@ -106,10 +113,52 @@ def _parser() -> Any:
         "--dataset_name it trains the embedded tiny default offline. Every KTOConfig and TrainingArguments "
         "field is a flag.",
     )
+    parser.error = usage_error  # one line, not the usage of every flag
     # Read by parse_train_args before argparse sees the command line; declared here so that --help lists it.
     parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
                         help="A YAML mapping of flag names to values; flags on the command line override it.")
+    _group_help(parser, KTOConfig, TrainingArguments)
+    _several_trackers(parser)
     return parser
+
+
+def _several_trackers(parser: Any) -> None:
+    """`--report_to tensorboard wandb`: one or more trackers, as `TrainingArguments.report_to` takes a list
+    (HfArgumentParser reads its `str | list[str]` type as one string)."""
+    action = next(a for a in parser._actions if a.dest == "report_to")
+    action.nargs = "+"
+    action.help = (action.help or "") + " Several: --report_to tensorboard wandb."
+
+
+LORA_FLAGS = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save",
+              "use_rslora")
+
+
+def _group_help(parser: Any, kto_config: type, training_arguments: type) -> None:
+    """`--help` in sections, as TRL's scripts show theirs: model, LoRA, data, KTO, Trainer (parsing is unchanged).
+
+    HfArgumentParser puts every field in the parser's one "options" section; each flag's action moves to its
+    section here (argparse has no public way to move one: `_group_actions` is what `add_argument_group` fills).
+    """
+    model = [f.name for f in dataclasses.fields(ModelArguments) if f.name not in LORA_FLAGS]
+    sections = (
+        ("model", "The policy and, optionally, a separate reference.", model),
+        ("LoRA", "Train a LoRA adapter instead of the full model (reference: the base model).", LORA_FLAGS),
+        ("data", "Preference data: a Hub dataset, a file, a folder; none: the shipped HH-RLHF sample.",
+         [f.name for f in dataclasses.fields(DataArguments)]),
+        ("KTO (KTOConfig)", "The KTO loss, data preparation and reference.",
+         [f.name for f in dataclasses.fields(kto_config)]),
+        ("Trainer (TrainingArguments)", "The stock Trainer's own flags.",
+         [f.name for f in dataclasses.fields(training_arguments)]),
+    )
+    options = parser._optionals._group_actions
+    for title, description, names in sections:
+        group = parser.add_argument_group(title, description)
+        wanted = set(names)
+        moved = [action for action in options if action.dest in wanted]
+        for action in moved:
+            options.remove(action)
+            group._group_actions.append(action)
 
 
 def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, Any, set[str]]:
@@ -135,7 +184,9 @@ def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, Any, set[str]]:
         known = {a.dest for a in parser._actions} - {"config", "help"}
         unknown = sorted(set(from_file) - known)
         if unknown:
-            raise SystemExit(f"kto-plugin train: unknown keys in {path}: {unknown}. Use the flag names of --help.")
+            hints = "".join(did_you_mean(key, sorted(known), repr) for key in unknown)
+            raise SystemExit(f"kto-plugin train: unknown keys in {path}: {unknown}.{hints} Use the flag names of "
+                             "--help.")
         parser.set_defaults(**from_file)
         given |= set(from_file)
         argv = argv[:i] + argv[i + 2 :]
@@ -146,6 +197,7 @@ def parse_train_args(argv: list[str]) -> tuple[Any, Any, Any, Any, set[str]]:
         # Under torchrun on a CPU-only machine, TrainingArguments without use_cpu leaves accelerate's state
         # non-distributed: every process would train its own copy and write the same output_dir.
         argv += ["--use_cpu", "true"]
+    check_flags(parser, argv)
     model_args, data_args, kto_config, training_args = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, kto_config, training_args, given
 
@@ -178,23 +230,49 @@ def _apply_demo_defaults(given: set[str], kto_config: Any, training_args: Any) -
     kto_config.warn_guidance = "warn_guidance" in given and kto_config.warn_guidance
 
 
-def _load_model(model_args: ModelArguments, kto_config: Any, name: str) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
+def _load_model(model_args: ModelArguments, kto_config: Any, name: str, argument: str = "model") -> Any:
+    """A model folder (`save_pretrained`, or a PEFT adapter folder: its base model with the adapter) or a Hub id,
+    with one log line (parameters, time)."""
+    from ..data._report import duration
+    from ..trainer._models import load_pretrained
 
     init = dict(kto_config.model_init_kwargs or {})
     if model_args.dtype:
-        init["dtype"] = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
+        init["dtype"] = model_args.dtype
     if model_args.attn_implementation:
         init["attn_implementation"] = model_args.attn_implementation
     if model_args.model_revision:
         init["revision"] = model_args.model_revision
-    init.setdefault("trust_remote_code", kto_config.trust_remote_code)
-    return AutoModelForCausalLM.from_pretrained(name, **init)
+    started = time.perf_counter()
+    model = load_pretrained(name, init, trust_remote_code=kto_config.trust_remote_code, argument=argument)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("kto-plugin: loaded %s %s: %.1fM parameters (%.1fM trainable%s) in %s", argument, name, total / 1e6,
+                trainable / 1e6, ", with its adapter" if hasattr(model, "peft_config") else "",
+                duration(time.perf_counter() - started))
+    return model
+
+
+def _tokenizer_source(name: str) -> str:
+    """Where the tokenizer of model `name` is: the folder itself, or for an adapter folder saved without one (as
+    `PeftModel.save_pretrained` does), the base model the adapter names."""
+    from ..trainer._models import is_adapter_folder
+
+    if not is_adapter_folder(name) or os.path.isfile(os.path.join(name, "tokenizer_config.json")):
+        return name
+    from peft import PeftConfig
+
+    return PeftConfig.from_pretrained(name).base_model_name_or_path
 
 
 def _wrap_peft(model: Any, model_args: ModelArguments) -> Any:
-    from peft import LoraConfig, get_peft_model
+    """A new LoRA adapter from the --lora_* flags; a model loaded from an adapter folder trains that adapter."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        logger.info("kto-plugin: --use_peft: the model was loaded with its adapter, which trains further; the "
+                    "--lora_* flags apply to new adapters only")
+        return model
 
     target = model_args.lora_target_modules
     if target == ["all-linear"]:

@@ -26,6 +26,17 @@ class KTOLabels(dict):
             raise TypeError(f"KTOLabels is indexed by field name, not {type(key).__name__}")
         return super().__getitem__(key)
 
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        # a torch function got the KTO labels as a tensor: without `attach()` the model computes its own
+        # causal-LM loss from `labels` (transformers pads them first: "pad() ... must be Tensor, not KTOLabels")
+        name = getattr(func, "__name__", str(func))
+        raise TypeError(
+            f"torch.{name} got the KTO batch's labels (a KTOLabels dict), not a tensor: the model is computing its "
+            "own loss from them, so the KTO loss hook is not installed: call kto.attach(trainer) before "
+            "trainer.train(). (Code of your own reading the labels: take a field, e.g. labels['label'].)"
+        )
+
 
 def float32_as_bits(values: Sequence[float]) -> torch.Tensor:
     """float32 values carried as their int32 bit patterns.
@@ -173,8 +184,10 @@ class KTOCollator:
         for key in ("prompt_ids", "completion_ids", "label"):
             if key not in rows[0]:
                 raise KeyError(
-                    f"KTOCollator: row 0 has no {key!r} column (it has {sorted(rows[0])}). Pass the dataset "
-                    f"through `KTOPlugin.prepare_dataset` first, and keep `remove_unused_columns=False`."
+                    f"KTOCollator: row 0 has no {key!r} column (it has {sorted(rows[0])}). If the dataset came from "
+                    "kto.prepare_dataset, the Trainer removed its KTO columns: call kto.attach(trainer) before "
+                    "trainer.train() (attach sets remove_unused_columns=False and installs the KTO loss). "
+                    "Otherwise pass the data through kto.prepare_dataset first."
                 )
         stored_partners = "kl_completion_ids" in rows[0]
         if self.build_kl and len(rows) < 2 and not stored_partners:

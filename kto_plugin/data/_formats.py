@@ -13,13 +13,17 @@ use one of the two. Errors name the column, the row index and the fix.
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import datasets
+import numpy as np
 
+from ..errors import DataError
 from ._encoding import common_prefix_length
+from ._hints import closest_column, label_fix
+from ._sources import load_preference_data
 
 UNPAIRED, PAIRED, IMPLICIT = "unpaired", "paired", "implicit_prompt"
 COLUMNS = {
@@ -42,72 +46,88 @@ def is_conversational(value: Any) -> bool:
     return isinstance(value, list) and len(value) > 0 and isinstance(value[0], Mapping) and "role" in value[0]
 
 
-def _closest(name: str, options: Sequence[str]) -> str:
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" Did you mean {match[0]!r}?" if match else ""
+def detect_format(column_names: Sequence[str], name: str, list_input: bool = False) -> str:
+    """The format of a dataset with these columns; a clear error (with the closest column) when none fits.
 
-
-def detect_format(column_names: Sequence[str], name: str) -> str:
-    """The format of a dataset with these columns; a clear error (with the closest column) when none fits."""
+    `list_input`: the rows came as a list of dicts (the suggested rename is written for a list)."""
     cols = list(column_names)
     has = set(cols)
     if {"chosen", "rejected"} <= has:
         return PAIRED if "prompt" in has else IMPLICIT
     if set(COLUMNS[UNPAIRED]) <= has:
         return UNPAIRED
-    near = lambda c: bool(difflib.get_close_matches(c, cols, n=1, cutoff=0.5))  # noqa: E731
+    near = lambda c: closest_column(c, cols) is not None  # noqa: E731
     paired_intent = ("chosen" in has or "rejected" in has) or (
         "completion" not in has and "label" not in has and (near("chosen") or near("rejected"))
     )
     wanted = ("chosen", "rejected") if paired_intent else COLUMNS[UNPAIRED]
     missing = next(c for c in wanted if c not in has)
-    rename = ""
-    match = difflib.get_close_matches(missing, cols, n=1, cutoff=0.5)
-    if match:
-        rename = f" Rename it: dataset.rename_column({match[0]!r}, {missing!r})."
-    raise ValueError(
-        f"{name} dataset has no {missing!r} column (columns: {cols}).{_closest(missing, cols)}{rename} "
-        f"{_SHAPES}."
+    match = closest_column(missing, cols)
+    renamed = (f"rows = [{{({missing!r} if k == {match!r} else k): v for k, v in r.items()}} for r in rows]"
+               if list_input else f"dataset = dataset.rename_column({match!r}, {missing!r})")
+    rename = f" Did you mean {match!r}? Rename it: {renamed}." if match else ""
+    file_rename = f" Did you mean {match!r}? Rename that column (key) to {missing!r} in the data file." if match else ""
+    raise DataError(
+        f"{name} dataset has no {missing!r} column (columns: {cols}).",
+        f"{rename.strip()} {_SHAPES}.".strip(),
+        f"{file_rename.strip()} {_SHAPES}.".strip(),
     )
 
 
-def check_rows(batch: Mapping[str, list], indices: Sequence[int], fmt: str, conversational: bool, name: str) -> None:
-    """Raise for the first bad row of a batch: wrong label type, None/empty text, mixed plain/conversational."""
+def check_rows(batch: Mapping[str, list], indices: Sequence[int], fmt: str, conversational: bool, name: str,
+               list_input: bool = False) -> None:
+    """Raise for the first bad row of a batch: wrong label type, None/empty text, mixed plain/conversational.
+
+    `list_input`: the rows came as a list of dicts (the suggested fixes are written for a list, not a dataset).
+    """
     kind = "conversational (lists of {'role', 'content'} messages)" if conversational else "plain text (strings)"
     if fmt == UNPAIRED:
         for row, label in zip(indices, batch["label"]):
-            if isinstance(label, bool):
-                continue
-            hint = ""
-            if isinstance(label, (list, tuple)):
-                hint = (f" It holds {len(label)} values: a row takes one label (a dict of lists is a batch, "
-                        "not a row: pass datasets.Dataset.from_dict(columns) or a list of row dicts).")
-            raise ValueError(
-                f"{name} dataset, row {row}: 'label' is {label!r} ({type(label).__name__}); it must be a bool "
-                f"(True = desirable, False = undesirable).{hint} Convert it, e.g. "
-                "dataset.map(lambda r: {'label': r['label'] in ('yes', 'true', 1)})."
-            )
+            if not isinstance(label, (bool, np.bool_)):
+                raise _label_error(name, row, label, batch["label"], list_input)
     for column in TEXT_COLUMNS[fmt]:
         for row, value in zip(indices, batch[column]):
             if value is None or (isinstance(value, (str, list)) and len(value) == 0):
-                raise ValueError(
+                keep = (f"rows = [r for r in rows if r[{column!r}]]" if list_input
+                        else f"dataset = dataset.filter(lambda r: bool(r[{column!r}]))")
+                raise DataError(
                     f"{name} dataset, row {row}: {column!r} is {value!r}. Every row needs a non-empty "
-                    f"{' and '.join(repr(c) for c in TEXT_COLUMNS[fmt])}: filter such rows out first, e.g. "
-                    f"dataset.filter(lambda r: bool(r[{column!r}]))."
+                    f"{' and '.join(repr(c) for c in TEXT_COLUMNS[fmt])}.",
+                    f"Filter such rows out first: {keep}",
+                    f"Fill in its {column!r} in the data file, or delete that row.",
                 )
             if isinstance(value, list) and not is_conversational(value):
                 got = type(value[0]).__name__
-                raise ValueError(
+                raise DataError(
                     f"{name} dataset, row {row}: {column!r} is a list of {got}, not a string or a list of "
-                    "{'role', 'content'} messages. Join it into one string, or write it as messages, e.g. "
-                    "[{'role': 'assistant', 'content': ...}]."
+                    "{'role', 'content'} messages.",
+                    "Join it into one string, or write it as messages, e.g. [{'role': 'assistant', 'content': ...}].",
                 )
             if not isinstance(value, (str, list)) or is_conversational(value) != conversational:
                 got = "conversational" if is_conversational(value) else type(value).__name__
-                raise ValueError(
-                    f"{name} dataset, row {row}: {column!r} is {got} but row 0 is {kind}. Use one format for all "
-                    "rows and columns: strings everywhere, or lists of {'role', 'content'} messages everywhere."
+                raise DataError(
+                    f"{name} dataset, row {row}: {column!r} is {got} but row 0 is {kind}.",
+                    "Use one format for all rows and columns: strings everywhere, or lists of {'role', 'content'} "
+                    "messages everywhere.",
                 )
+
+
+def _label_error(name: str, row: int, label: Any, labels: Sequence[Any], list_input: bool) -> DataError:
+    """The error for a label that is not a bool, with a fix built from every label of the batch."""
+    problem = (f"{name} dataset, row {row}: 'label' is {label!r} ({type(label).__name__}); it must be a bool "
+               "(True = desirable, False = undesirable).")
+    if label is None:
+        keep = "rows = [r for r in rows if r['label'] is not None]" if list_input else (
+            "dataset = dataset.filter(lambda r: r['label'] is not None)")
+        return DataError(problem, f"Give every row a label, or drop the rows without one: {keep}",
+                         "Give every row a label in the data file: true (desirable) or false (undesirable).")
+    if not isinstance(label, Hashable) or isinstance(label, tuple):
+        return DataError(problem, f"It holds {len(label)} values: a row takes one label (a dict of lists is a batch, "
+                         "not a row: pass datasets.Dataset.from_dict(columns) or a list of row dicts).",
+                         "Write one label per row in the data file: true (desirable) or false (undesirable).")
+    values = [v for v in labels if isinstance(v, Hashable) and not isinstance(v, (bool, np.bool_, tuple, type(None)))]
+    fix, file_fix = label_fix(values, list_input)
+    return DataError(problem, fix, file_fix)
 
 
 def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
@@ -163,7 +183,10 @@ def columns_from_dict(data: Mapping[str, Any], name: str) -> None:
 
 def as_dataset(data: Any, name: str = "train") -> Any:
     """A `datasets` object from what users pass: datasets objects as they are, a list of row dicts, a dict of
-    columns. Lists are checked in Python first: Arrow's own conversion errors name neither the row nor the fix."""
+    columns, or a path or Hub name (`kto_plugin.data._sources`). Lists are checked in Python first: Arrow's own
+    conversion errors name neither the row nor the fix."""
+    if isinstance(data, (str, os.PathLike)):
+        return load_preference_data(data)
     if isinstance(data, (datasets.Dataset, datasets.DatasetDict, datasets.IterableDataset,
                          datasets.IterableDatasetDict)):
         return data
@@ -180,13 +203,14 @@ def as_dataset(data: Any, name: str = "train") -> Any:
                 f"prepare_dataset: row {bad} of the {name} list is a {type(data[bad]).__name__}, not a dict. Pass "
                 "a list of row dicts, e.g. [{'prompt': ..., 'completion': ..., 'label': True}, ...]."
             )
-        fmt = detect_format(list(data[0]), name)
+        fmt = detect_format(list(data[0]), name, list_input=True)
         check_columns_of_rows(data, fmt, name)
         first = data[0][TEXT_COLUMNS[fmt][0]]
         check_rows({c: [row[c] for row in data] for c in COLUMNS[fmt]}, range(len(data)), fmt,
-                   is_conversational(first), name)
+                   is_conversational(first), name, list_input=True)
         return datasets.Dataset.from_list([dict(row) for row in data])
     raise TypeError(
-        f"prepare_dataset takes a datasets.Dataset, IterableDataset, DatasetDict, a list of row dicts or a dict of "
-        f"columns, got {type(data).__name__}."
+        f"prepare_dataset takes a datasets.Dataset, IterableDataset, DatasetDict, a list of row dicts, a dict of "
+        f"columns, or a path (.jsonl/.json/.csv/.parquet file, save_to_disk folder) or Hub dataset name, got "
+        f"{type(data).__name__}."
     )

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from ..errors import KTOPluginWarning
+from ._bad_rows import count_skipped, prepare_skipping, stream_hint
 from ._encoding import can_splice
 from ._formats import CONSUMED, TEXT_COLUMNS, UNPAIRED, check_rows, detect_format, is_conversational
 from ._tokenize import prepare_batch, prepare_table
@@ -112,13 +113,15 @@ class Preparer:
         paired = fmt != UNPAIRED
         report = DataReport(name=name, format=fmt, conversational=conversational, rows_in=len(dataset),
                             order=self.config.paired_order if paired else None)
+        fn_kwargs = self._fn_kwargs(fmt, conversational, name, chosen_first=False)
+        skip_bad_rows = {"prepare": prepare_skipping} if self.config.on_bad_row == "skip" else {}
         tokenized = dataset.with_format("arrow").map(
             prepare_table,
             batched=True,
             batch_size=_MAP_BATCH,
             with_indices=True,
             num_proc=self.config.dataset_num_proc,
-            fn_kwargs=self._fn_kwargs(fmt, conversational, name, chosen_first=False),
+            fn_kwargs={**fn_kwargs, **skip_bad_rows},
             remove_columns=[c for c in dataset.column_names if c in CONSUMED or c == "label"],
             desc=f"Preparing {name} dataset",
         ).with_format(None)
@@ -130,6 +133,8 @@ class Preparer:
         report.prompt_truncated = int(pc.sum(table.column("_prompt_cut")).as_py() or 0)
         report.completion_limited = int(pc.sum(table.column("_completion_cut")).as_py() or 0)
         source_rows = table.column("_row").to_numpy()
+        if skip_bad_rows:
+            self._count_skipped_rows(report, dataset, source_rows, fn_kwargs)
         if ROW_INDEX in tokenized.column_names:
             tokenized = tokenized.remove_columns(list(_STATS))
         else:
@@ -156,6 +161,24 @@ class Preparer:
         report.n_undesirable = report.rows_out - report.n_desirable
         self._judge_balance(report)
         return tokenized, report
+
+    def _count_skipped_rows(self, report: DataReport, dataset: datasets.Dataset, source_rows: np.ndarray,
+                            fn_kwargs: dict[str, Any]) -> None:
+        """on_bad_row="skip", map-style: the input rows missing from the prepared ones were skipped (the map may
+        run in other processes, or come from the cache); the first is prepared again for its reason."""
+        present = np.zeros(len(dataset), dtype=bool)
+        present[source_rows] = True
+        skipped = np.flatnonzero(~present)
+        if not skipped.size:
+            return
+        first = int(skipped[0])
+        _, bad = prepare_skipping(dataset.with_format(None)[first : first + 1], [first], **fn_kwargs)
+        count_skipped(report, skipped.tolist(), bad[0][1] if bad else "(not reproduced)")
+        if skipped.size == len(dataset):
+            raise ValueError(
+                f"{report.name} dataset: every one of its {len(dataset)} rows is malformed, so on_bad_row='skip' left "
+                f"none; the first: {report.first_bad_row}"
+            )
 
     def _judge_balance(self, report: DataReport) -> None:
         for count, kind, other in ((report.n_desirable, "desirable", "undesirable"),
@@ -203,7 +226,7 @@ class Preparer:
         order = self.config.paired_order if paired else None
         report = DataReport(name=name, format=fmt, conversational=conversational, order=order, streaming=True)
         counter = _StreamCounter(report, self._fn_kwargs(fmt, conversational, name, chosen_first=order == "trl"),
-                                 self.config.max_length, self.config.truncation_mode)
+                                 self.config.max_length, self.config.truncation_mode, self.config.on_bad_row)
         # batches of 1000 pairs from the start of the stream, so "trl" order is TRL's on a stream too
         prepared = dataset.map(counter, batched=True, batch_size=TRL_UNPAIR_BLOCK, with_indices=True,
                                remove_columns=[c for c in columns if c in CONSUMED or c == "label"])
@@ -213,11 +236,13 @@ class Preparer:
 class _StreamCounter:
     """Prepares a streamed batch, drops what `_fate` drops and counts everything in the report."""
 
-    def __init__(self, report: DataReport, fn_kwargs: dict[str, Any], max_length: int | None, mode: str) -> None:
+    def __init__(self, report: DataReport, fn_kwargs: dict[str, Any], max_length: int | None, mode: str,
+                 on_bad_row: str = "raise") -> None:
         self.report, self.fn_kwargs, self.max_length, self.mode = report, fn_kwargs, max_length, mode
+        self.on_bad_row = on_bad_row
 
     def __call__(self, batch: Mapping[str, list], indices: list[int]) -> dict[str, list]:
-        out = prepare_batch(batch, indices, **self.fn_kwargs)
+        out = self._prepare(batch, indices)
         src = out.pop("_src")
         out.update({c: [batch[c][i] for i in src] for c in batch if c not in CONSUMED and c != "label"})
         prompt_len = np.array([len(p) for p in out["prompt_ids"]], dtype=np.int64)
@@ -244,6 +269,17 @@ class _StreamCounter:
         if ROW_INDEX not in out:
             out[ROW_INDEX] = out["_row"]
         return {k: [v[j] for j in keep] for k, v in out.items() if k not in _STATS}
+
+    def _prepare(self, batch: Mapping[str, list], indices: list[int]) -> dict[str, list]:
+        """`prepare_batch`, with `KTOConfig.on_bad_row` applied (`kto_plugin.data._bad_rows`)."""
+        if self.on_bad_row == "skip":
+            out, bad = prepare_skipping(batch, indices, **self.fn_kwargs)
+            count_skipped(self.report, [row for row, _ in bad], bad[0][1] if bad else "")
+            return out
+        try:
+            return prepare_batch(batch, indices, **self.fn_kwargs)
+        except ValueError as err:  # read during training: say where the row came from and how to go on
+            raise ValueError(f"{err} {stream_hint(self.report.name)}") from None
 
 
 class _VisionStreamCounter:

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
+from ..errors import KTOPluginWarning
 from ._formats import UNPAIRED
 
 # the KTO paper's eq. 8: desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3]
 BALANCE_RANGE = (1.0, 4 / 3)
+
+
+def duration(seconds: float) -> str:
+    """``"42 s"``, ``"3.5 min"``, ``"1.2 h"``: a duration as a person reads it in a log line."""
+    if seconds < 90:
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @dataclass
@@ -34,6 +45,13 @@ class DataReport:
     completion_limited: int = 0  # completions cut to max_completion_length at preparation
     prompt_boundary_mismatch: int = 0  # tokenized prompt not a prefix of prompt+completion
     balance: str | None = None  # the paper's eq. 8 advice when desirable/undesirable are out of balance
+    # on_bad_row="skip" (`kto_plugin.data._bad_rows`): malformed input rows left out
+    skipped_bad_rows: int = 0
+    bad_rows: list[int] = field(default_factory=list)  # their input row indices (pairs for paired), first 10
+    first_bad_row: str | None = None  # why the first one was refused
+    # how long preparation took (None for a stream, prepared as it is read); a measurement, not what was done,
+    # so two reports of the same preparation compare equal
+    seconds: float | None = field(default=None, compare=False)
 
     def summary(self) -> str:
         kind = f"{'conversational ' if self.conversational else ''}{self.format}"
@@ -65,7 +83,31 @@ class DataReport:
             )
         if self.balance:
             parts.append(self.balance)
+        if self.skipped_bad_rows:
+            parts.append(
+                f"{self.skipped_bad_rows} malformed input rows skipped (on_bad_row='skip'; rows {self.bad_rows}"
+                f"{', ...' if self.skipped_bad_rows > len(self.bad_rows) else ''}), the first: {self.first_bad_row}"
+            )
+        if self.seconds is not None:
+            parts.append(f"prepared in {duration(self.seconds)}")
         return "; ".join(parts)
+
+
+def store_report(reports: dict[str, DataReport], report: DataReport) -> None:
+    """Keep `report` under its name. Another dataset's report already there is replaced with a warning: an eval
+    set prepared under the default name "train" would otherwise pass for the training data. Preparing the same
+    data again (a notebook cell run twice) gives an equal report and replaces it quietly."""
+    old = reports.get(report.name)
+    if old is not None and (old != report or old.streaming):
+        warnings.warn(
+            f"kto_plugin: prepare_dataset(name={report.name!r}) was called before with other data ({old.rows_in} "
+            f"input rows, {old.n_desirable} desirable / {old.n_undesirable} undesirable; now {report.rows_in} "
+            f"input rows): kto.data_reports[{report.name!r}] now describes the new one. Name each dataset, e.g. "
+            "kto.prepare_dataset(eval_rows, name='eval') for an evaluation set.",
+            KTOPluginWarning,
+            stacklevel=3,
+        )
+    reports[report.name] = report
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ and split each row into prompt and completion ids (see `kto_plugin.data._prepare
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -152,10 +152,12 @@ def _encode_separately(
     return prompt_ids, full_ids, prefixes
 
 
-def prepare_table(table: pa.Table, indices: list[int], **kwargs: Any) -> pa.Table:
-    """`prepare_batch` from and to Arrow: token ids converted in C, other columns carried with their types."""
+def prepare_table(table: pa.Table, indices: list[int], prepare: Callable | None = None, **kwargs: Any) -> pa.Table:
+    """`prepare_batch` from and to Arrow: token ids converted in C, other columns carried with their types.
+    `prepare`: what prepares the batch instead of `prepare_batch`, returning ``(output, anything)`` (the
+    skipping of malformed rows, `kto_plugin.data._bad_rows`)."""
     batch = {c: table.column(c).to_pylist() for c in table.column_names if c in CONSUMED or c == "label"}
-    out = prepare_batch(batch, indices, **kwargs)
+    out = prepare_batch(batch, indices, **kwargs) if prepare is None else prepare(batch, indices, **kwargs)[0]
     src = pa.array(out.pop("_src"), type=pa.int64())
     columns = {key: pa.array(out[key], type=_IDS) for key in ("prompt_ids", "completion_ids")}
     columns.update({key: pa.array(out[key], type=pa.bool_())

@@ -1,5 +1,6 @@
-"""The plugin system: pluggy's manager for kto_plugin's hooks (specified in `kto_plugin.hookspecs`) and the
-built-in losses, which are ordinary plugins registered last (``_manager``, ``_builtin``)."""
+"""The plugin system: pluggy's manager for kto_plugin's hooks (specified in `kto_plugin.hookspecs`), calling them
+and checking what they return, and the built-in KTO family, ordinary plugins registered last (``_manager``,
+``_calls``, ``_builtin``)."""
 
 from ._manager import AUTOLOAD_ENV, KTOPluginManager
 

@@ -1,11 +1,11 @@
 """The pluggy plugin manager: where plugins come from, in which order they are called, what they may return.
 
-Sources, in registration order: the built-ins (`kto`, `apo_zero_unpaired`, all `trylast`), installed packages'
-entry points in group ``kto_plugin`` (loaded once, when the manager is built, unless the environment variable
+Sources, in registration order: the built-ins (the KTO family of `kto_plugin.hooks._builtin`, all `trylast`),
+installed packages' entry points in group ``kto_plugin`` (loaded once, when the manager is built, unless the environment variable
 ``KTO_PLUGIN_DISABLE_AUTOLOAD`` is set), then the plugins passed to `KTOPlugin(plugins=...)`, last to first.
 pluggy calls later registrations first, so the call order is: the passed plugins in list order, the installed
-ones, the built-ins. Hooks are called here one implementation at a time, so an error, a wrong shape or a NaN
-names the plugin and the hook.
+ones, the built-ins. Calling the hooks and checking what they return is `kto_plugin.hooks._calls` (`HookCalls`,
+which the manager inherits).
 """
 
 from __future__ import annotations
@@ -14,25 +14,22 @@ import importlib
 import importlib.metadata
 import inspect
 import logging
-import math
 import os
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import pluggy
-import torch
 
 from .. import hookspecs
 from ..errors import PluginError, PluginValidationError
 from ..hookspecs import PROJECT
-from ..step._metrics import RESERVED_METRIC_NAMES
 from ._builtin import BUILTIN_PLUGINS
+from ._calls import HOOK_NAMES, HookCalls
 
 logger = logging.getLogger("kto_plugin")
 
 AUTOLOAD_ENV = "KTO_PLUGIN_DISABLE_AUTOLOAD"
-HOOK_NAMES = ("kto_loss_types", "kto_loss", "kto_reference_point", "kto_metrics")
 
 def autoload_disabled() -> bool:
     """True when ``KTO_PLUGIN_DISABLE_AUTOLOAD`` is set to anything but "", "0", "false" or "no"."""
@@ -57,7 +54,7 @@ def _needs_instance(plugin: Any) -> bool:
     return False
 
 
-class KTOPluginManager:
+class KTOPluginManager(HookCalls):
     """Loads plugins once and calls the KTO hooks.
 
     Args:
@@ -100,8 +97,8 @@ class KTOPluginManager:
     # --- pickling (Ray Tune pickles the Trainer, and with it the attached plugin) ---
 
     def __getstate__(self) -> dict[str, Any]:
-        """The plugins in registration order (modules by name: a module object does not pickle); pluggy's
-        manager is rebuilt from them on unpickling."""
+        """The plugins in registration order (modules by name: a module object does not pickle) and their
+        `kto_state_dict`; pluggy's manager is rebuilt from them on unpickling."""
         registered = []
         for name, source in self._sources.items():
             plugin = self.pm.get_plugin(name)
@@ -109,7 +106,7 @@ class KTOPluginManager:
                 continue
             ref = ("module", plugin.__name__) if isinstance(plugin, types.ModuleType) else ("object", plugin)
             registered.append((ref, name, source))
-        return {"registered": registered, "metric_names": self._metric_names}
+        return {"registered": registered, "metric_names": self._metric_names, "states": self.state_dict()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.pm = pluggy.PluginManager(PROJECT)
@@ -120,6 +117,7 @@ class KTOPluginManager:
             self._register(cls(), f"builtin:{cls.name}", "built-in")
         for (kind, plugin), name, source in state["registered"]:
             self._register(importlib.import_module(plugin) if kind == "module" else plugin, name, source)
+        self.load_state_dict(state.get("states"))  # the built-ins are new objects: give them their state back
 
     # --- registration ---
 
@@ -222,132 +220,3 @@ class KTOPluginManager:
         return [
             (name, source) for name, source in reversed(self._sources.items()) if self.pm.has_plugin(name)
         ]
-
-    # --- calling ---
-
-    def _impls(self, hook_name: str) -> list[Any]:
-        # pluggy keeps implementations in reverse call order
-        return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
-
-    def _call(self, impl: Any, hook_name: str, kwargs: Mapping[str, Any]) -> Any:
-        try:
-            return impl.function(*[kwargs[a] for a in impl.argnames])
-        except Exception as err:
-            raise PluginError(
-                f"Plugin {impl.plugin_name!r} raised in {hook_name}: {type(err).__name__}: {err}"
-            ) from err
-
-    def loss_types(self, config: Any) -> dict[str, bool]:
-        """Every loss type a plugin implements, with whether it needs the KL pass (first called wins)."""
-        merged: dict[str, bool] = {}
-        for impl in self._impls("kto_loss_types"):
-            result = self._call(impl, "kto_loss_types", {"config": config})
-            if result is None:
-                continue
-            if not isinstance(result, Mapping) or not all(isinstance(v, bool) for v in result.values()):
-                raise PluginError(
-                    f"Plugin {impl.plugin_name!r}: kto_loss_types must return a dict {{loss_type: needs_kl}} "
-                    f"with bool values, got {result!r}."
-                )
-            for name, needs_kl in result.items():
-                merged.setdefault(str(name), needs_kl)
-        return merged
-
-    def needs_kl(self, config: Any) -> bool:
-        """Whether `config.loss_type` uses the KL reference point; an unknown loss type is an error."""
-        types_ = self.loss_types(config)
-        if config.loss_type not in types_:
-            raise ValueError(
-                f"Unknown KTOConfig.loss_type {config.loss_type!r}. Available: {sorted(types_)}. A plugin "
-                "adds a loss type by implementing kto_loss_types and kto_loss (see docs/plugins.md, 'Writing a "
-                "plugin')."
-            )
-        return types_[config.loss_type]
-
-    def loss(self, **kwargs: Any) -> torch.Tensor:
-        """First non-None `kto_loss` result, checked for type, shape, gradient and NaN."""
-        policy = kwargs["policy_logps"]
-        for impl in self._impls("kto_loss"):
-            result = self._call(impl, "kto_loss", kwargs)
-            if result is None:
-                continue
-            where = f"Plugin {impl.plugin_name!r}: kto_loss for loss_type {kwargs['loss_type']!r}"
-            if not isinstance(result, torch.Tensor):
-                raise PluginError(f"{where} returned {type(result).__name__}; it must return a (B,) tensor.")
-            if result.shape != policy.shape:
-                raise PluginError(
-                    f"{where} returned shape {tuple(result.shape)}; it must return one loss per example, "
-                    f"shape {tuple(policy.shape)}."
-                )
-            if policy.requires_grad and not result.requires_grad:
-                raise PluginError(
-                    f"{where} returned a tensor without gradient; compute it from policy_logps with torch "
-                    "operations (no .item(), .detach() or torch.no_grad())."
-                )
-            if (
-                torch.isnan(result).any()
-                and torch.isfinite(policy).all()
-                and torch.isfinite(kwargs["reference_logps"]).all()
-                and torch.isfinite(kwargs["kl"]).all()
-            ):
-                raise PluginError(
-                    f"{where} returned NaN for finite inputs (losses {result.detach().tolist()})."
-                )
-            return result
-        raise PluginError(
-            f"No plugin computed kto_loss for loss_type {kwargs['loss_type']!r}: every implementation "
-            "returned None, although a plugin declared it in kto_loss_types."
-        )
-
-    def reference_point(self, **kwargs: Any) -> torch.Tensor | None:
-        """First non-None `kto_reference_point` result (a finite scalar tensor), or None for the default."""
-        for impl in self._impls("kto_reference_point"):
-            result = self._call(impl, "kto_reference_point", kwargs)
-            if result is None:
-                continue
-            where = f"Plugin {impl.plugin_name!r}: kto_reference_point"
-            if not isinstance(result, torch.Tensor) or result.numel() != 1:
-                raise PluginError(f"{where} must return a scalar tensor, got {result!r}.")
-            if not torch.isfinite(result).all():
-                raise PluginError(f"{where} returned a non-finite reference point {result.item()}.")
-            return result.reshape(())
-        return None
-
-    def metrics(self, **kwargs: Any) -> dict[str, float]:
-        """`kto_metrics` results of every plugin, merged (earlier-called plugins win a name).
-
-        Each plugin must return the same names on every call: the values are all-reduced across processes in
-        one call, so a name missing on one process would desynchronise them.
-        """
-        merged: dict[str, float] = {}
-        for impl in self._impls("kto_metrics"):
-            result = self._call(impl, "kto_metrics", kwargs)
-            where = f"Plugin {impl.plugin_name!r}: kto_metrics"
-            if result is None:
-                result = {}
-            if not isinstance(result, Mapping):
-                raise PluginError(
-                    f"{where} must return a dict {{name: number}}, got {type(result).__name__}."
-                )
-            names = tuple(sorted(str(k) for k in result))
-            previous = self._metric_names.setdefault(impl.plugin_name, names)
-            if names != previous:
-                raise PluginError(
-                    f"{where} returned the names {list(names)} after {list(previous)}; it must return the "
-                    "same names on every call (they are reduced across processes in one all-reduce). Return "
-                    "0.0 where a value is undefined."
-                )
-            for key, value in result.items():
-                key = str(key)
-                if key in RESERVED_METRIC_NAMES:
-                    raise PluginError(
-                        f"{where} returned {key!r}, a name kto_plugin or the Trainer already logs; "
-                        "rename it (e.g. with a prefix of your own)."
-                    )
-                number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-                if isinstance(number, bool) or not isinstance(number, (int, float)):
-                    raise PluginError(f"{where} value {key!r} is {value!r}; it must be a number.")
-                if not math.isfinite(number):
-                    raise PluginError(f"{where} value {key!r} is {number}; it must be finite.")
-                merged.setdefault(key, float(number))
-        return merged

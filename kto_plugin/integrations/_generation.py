@@ -12,19 +12,19 @@ Here it is a `TrainerCallback` (`on_evaluate`) that `KTOPlugin.attach` inserts w
 * the reference: the same context the loss uses (`ReferenceManager.activate`: separate model, frozen copy,
   adapter off or the reference adapter), so at step 0 both columns are identical;
 * output: appended to ``OUTPUT_DIR/kto_generations.jsonl`` (one JSON object per prompt per evaluation:
-  ``step``, ``split``, ``prompt``, ``policy``, ``reference``), and logged as a ``wandb.Table`` under
-  ``<split>/generations`` when `report_to` includes ``wandb`` and a W&B run is active. Only the main process
-  writes.
+  ``step``, ``split``, ``prompt``, ``policy``, ``reference``), and logged as a table to every `report_to`
+  tracker that holds tables (W&B, trackio, MLflow, TensorBoard: `kto_plugin.integrations._trackers`). Only the
+  main process writes.
 
 The model's train/eval mode, every parameter's `requires_grad` and the active adapter are restored exactly.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,11 +33,11 @@ from transformers import GenerationConfig, TrainerCallback
 
 from ..reference import ReferenceManager
 from ..reference._manager import preserved_state
+from ._trackers import log_tables
 
 logger = logging.getLogger("kto_plugin")
 
 GENERATIONS_FILE = "kto_generations.jsonl"
-TABLE_COLUMNS = ("step", "prompt", "policy", "reference")
 
 
 def distinct_prompts(dataset: Any, n: int) -> list[list[int]]:
@@ -119,34 +119,6 @@ def greedy_completions(
     return completions
 
 
-def generation_table(rows: Sequence[dict[str, Any]], wandb: Any) -> Any:
-    """A `wandb.Table` with columns step / prompt / policy / reference, one row per prompt."""
-    return wandb.Table(columns=list(TABLE_COLUMNS), data=[[r[c] for c in TABLE_COLUMNS] for r in rows])
-
-
-def table_key(split: str) -> str:
-    """W&B key for `split` ("eval", "eval_<name>", "test"), named as the W&B integration names metrics."""
-    head, _, tail = split.partition("_")
-    return f"{head}/{tail + '_' if tail else ''}generations"
-
-
-def log_to_wandb(rows: Sequence[dict[str, Any]], split: str, args: Any, step: int) -> bool:
-    """Log `rows` as a W&B table to the active run when `report_to` includes wandb; True when logged."""
-    if "wandb" not in (args.report_to or []) or importlib.util.find_spec("wandb") is None:
-        return False
-    import wandb
-
-    run = getattr(wandb, "run", None)
-    if run is None:
-        logger.info(
-            "kto_plugin: generate_during_eval: no active W&B run; generations are in the JSONL file only."
-        )
-        return False
-    # the W&B integration plots every key against train/global_step
-    run.log({table_key(split): generation_table(rows, wandb), "train/global_step": step})
-    return True
-
-
 def append_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
@@ -185,13 +157,20 @@ class KTOGenerationCallback(TrainerCallback):
         dataset = getattr(loader, "dataset", None)
         if dataset is None:
             return
+        started = time.perf_counter()
         # re-read every time (a few rows): the same prompts at every evaluation of the same dataset
         rows = self.generate(distinct_prompts(dataset, self.num_prompts), step=state.global_step)
         if not state.is_world_process_zero or not rows:
             return
         split = _split_of(metrics)
-        append_jsonl(os.path.join(args.output_dir, GENERATIONS_FILE), [{"split": split, **r} for r in rows])
-        log_to_wandb(rows, split, args, state.global_step)
+        path = os.path.join(args.output_dir, GENERATIONS_FILE)
+        append_jsonl(path, [{"split": split, **r} for r in rows])
+        trackers = log_tables(rows, split, args, state.global_step, self.trainer.callback_handler.callbacks)
+        logger.info(
+            "kto_plugin: %s generations at step %d: %d prompts x (policy, reference), up to %d new tokens, "
+            "in %.1f s; appended to %s%s", split, state.global_step, len(rows), self.max_new_tokens,
+            time.perf_counter() - started, path, f" and logged to {', '.join(trackers)}" if trackers else "",
+        )
 
     def generate(self, prompts: list[list[int]], step: int) -> list[dict[str, Any]]:
         """One row per prompt: ``{step, prompt, policy, reference}`` (decoded text, special tokens skipped).

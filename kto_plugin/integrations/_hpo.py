@@ -1,8 +1,8 @@
 """``model_init`` and ``hyperparameter_search`` with KTO.
 
-`Trainer.train()` builds a new model with `model_init` *after* `attach()`. `trainer.model_init` is wrapped (same
-arity) so that every new model is re-bound before the Trainer uses it: the frozen-copy reference is taken from the
-model that actually trains, before a checkpoint is loaded into it, and dropout, log-prob paths and PEFT reference
+`Trainer.train()` builds a new model with `model_init` *after* `attach()`. `trainer.model_init` is wrapped so
+that every new model is re-bound before the Trainer uses it: the frozen-copy reference is taken from the model
+that actually trains, before a checkpoint is loaded into it, and dropout, log-prob paths and PEFT reference
 modes follow the new model. During a search, `hp_space` may name the KTO fields the loss reads at every step
 (`beta`, `desirable_weight`, `undesirable_weight`); and the default objective (the sum of all eval metrics when
 there are any) ignores the KTO metrics the plugin adds, so it stays `eval_loss` (or the sum of *your*
@@ -27,35 +27,24 @@ logger = logging.getLogger("kto_plugin")
 HP_SEARCHABLE_FIELDS = ("beta", "desirable_weight", "undesirable_weight")
 
 
-class _ModelInit:
+class RebindingModelInit:
     """`Trainer.model_init` that calls the user's, then re-binds the plugin to the new model (a class, not a
-    closure, so the trainer pickles)."""
+    closure, so the trainer pickles).
+
+    It always takes the trial, whatever the user's `model_init` takes: the Trainer passes the trial only to a
+    `model_init` of one argument, and a trial's KTO fields (`beta`, ...) must reach the plugin also when the
+    user's `model_init` takes none (the common case).
+    """
 
     def __init__(self, user_init: Callable[..., Any], plugin: Any) -> None:
         self.user_init = user_init
         self.plugin = plugin
-        self.__wrapped__ = user_init
+        self.takes_trial = number_of_arguments(user_init) != 0
 
-    def _bound(self, model: Any, trial: Any) -> Any:
+    def __call__(self, trial: Any) -> Any:
+        model = self.user_init(trial) if self.takes_trial else self.user_init()
         on_new_model(self.plugin, model, trial)
         return model
-
-
-class ModelInitNoTrial(_ModelInit):
-    def __call__(self) -> Any:
-        return self._bound(self.user_init(), None)
-
-
-class ModelInitWithTrial(_ModelInit):
-    def __call__(self, trial: Any) -> Any:
-        return self._bound(self.user_init(trial), trial)
-
-
-def rebinding_model_init(user_init: Callable[..., Any], plugin: Any) -> _ModelInit:
-    """`user_init` with the same arity (the Trainer counts arguments), then the plugin re-bound to its model."""
-    if number_of_arguments(user_init) == 0:
-        return ModelInitNoTrial(user_init, plugin)
-    return ModelInitWithTrial(user_init, plugin)
 
 
 def trial_params(trainer: Any, trial: Any) -> dict[str, Any]:
@@ -123,4 +112,4 @@ def on_new_model(plugin: Any, model: Any, trial: Any) -> None:
 def install_model_init(plugin: Any, trainer: Any) -> None:
     """Wrap `trainer.model_init` (when set) so that every model `train()` builds is bound before it is used."""
     if trainer.model_init is not None:
-        plugin.ledger.setattr(trainer, "model_init", rebinding_model_init(trainer.model_init, plugin))
+        plugin.ledger.setattr(trainer, "model_init", RebindingModelInit(trainer.model_init, plugin))

@@ -24,7 +24,10 @@ itself, which is no mismatch).
 **Cache.** The three columns (as partner indices) are stored under ``precompute_cache_dir``, keyed by a
 content hash of the dataset's token columns, a hash of the reference's weights, the reference mode and the
 settings that change the values (max_length, truncation, KL group size, mixed precision, log-prob path). A
-second run with the same key loads them and says so in the log.
+second run with the same key loads them and says so in the log. The pass keeps its results in memory and writes
+the file once, atomically, at its end (`kto_plugin.reference._cache`): a run killed during the pass or the write
+leaves no file under the key, and the next run computes the values again; a damaged file is ignored, with a
+warning, and replaced.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import torch
 from torch import nn
 
 from ..data._pairing import kl_partners
+from ..data._report import duration
 from ._cache import RefLogpsCache, cache_key
 from ._fingerprint import dataset_fingerprint, module_fingerprint
 from ._sharding import shards_parameters
@@ -51,6 +55,50 @@ PRECOMPUTED_COLUMNS = ("ref_logps", "ref_kl_logps", "kl_completion_ids")
 
 def _batches(num_rows: int, batch_size: int) -> list[range]:
     return [range(s, min(s + batch_size, num_rows)) for s in range(0, num_rows, batch_size)]
+
+
+class PassProgress:
+    """Log lines for a pass over `total` batches, so a long pass is never silent.
+
+    After the first batch: the rows and batches and an estimate of the whole pass (first batch's time x
+    batches); then, every `every_s` seconds, the batches done and an estimate of the time left (the mean
+    time per batch so far x batches left). A pass of one batch logs nothing here (the caller logs its end).
+    `log` is ``logger.info``-like, or None (another process than the main one: nothing is logged).
+    """
+
+    def __init__(
+        self,
+        desc: str,
+        total: int,
+        rows: int | None,
+        log: Callable[..., None] | None,
+        every_s: float = 30.0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.desc, self.total, self.rows, self.log = desc, total, rows, log
+        self.every_s, self.clock = every_s, clock
+        self.started = self.last = clock()
+
+    def step(self, done: int) -> None:
+        """Batch number `done` (1-based) has finished."""
+        if self.log is None or self.total <= 1:
+            return
+        now = self.clock()
+        elapsed = now - self.started
+        if done == 1:
+            rows = f"{self.rows} rows in " if self.rows is not None else ""
+            self.log(
+                "kto_plugin: %s: %s%d batches; the first took %s, so the pass takes about %s",
+                self.desc, rows, self.total, duration(elapsed), duration(elapsed * self.total),
+            )
+            self.last = now
+        elif done < self.total and now - self.last >= self.every_s:
+            self.log(
+                "kto_plugin: %s: %d/%d batches (%d%%) in %s, about %s left",
+                self.desc, done, self.total, 100 * done // self.total, duration(elapsed),
+                duration(elapsed / done * (self.total - done)),
+            )
+            self.last = now
 
 
 def compute_reference_logps(
@@ -80,7 +128,10 @@ def compute_reference_logps(
     ]
     source = dataset.select_columns(columns)
     results = []
-    started = time.perf_counter()
+    progress = PassProgress(
+        desc, len(mine), num_rows if world == 1 else None,
+        log=logger.info if accelerator.is_main_process else None,
+    )
     for i, rows_range in enumerate(mine):
         chunk = source[rows_range.start : rows_range.stop]
         rows = [dict(zip(chunk, values, strict=True)) for values in zip(*chunk.values(), strict=True)]
@@ -92,14 +143,7 @@ def compute_reference_logps(
                 ref_kl.float().cpu().numpy() if ref_kl is not None else None,
             )
         )
-        if (i + 1) % 50 == 0:
-            logger.info(
-                "kto_plugin: %s: %d/%d batches (%.0f s)",
-                desc,
-                i + 1,
-                len(mine),
-                time.perf_counter() - started,
-            )
+        progress.step(i + 1)
     if world > 1:
         results = gather_object(results)
     ref_logps = np.full(num_rows, np.nan, dtype=np.float32)
@@ -219,7 +263,8 @@ class ReferencePrecomputer:
         module = self._reference_module()
         device = next(module.parameters()).device
         with torch.no_grad(), self.trainer.accelerator.autocast():
-            return tuple(self.passes.reference_logps(self.trainer, send_to_device(labels, device), self.needs_kl))
+            reference = self.passes.reference_logps(self.trainer, send_to_device(labels, device), self.needs_kl)
+        return reference.target, reference.kl
 
     def __call__(self, dataset: Any, name: str, group_size: int, batch_size: int) -> Any:
         """`dataset` with ``ref_logps``, and with KL ``kl_completion_ids`` and ``ref_kl_logps``."""
@@ -248,7 +293,8 @@ class ReferencePrecomputer:
             logger.info(
                 "kto_plugin: reference weights are sharded, so the log-prob cache is off for %s", name
             )
-        arrays = [self.cache.load(key, num_rows) if key and accelerator.is_main_process else None]
+        required = ("ref_logps", "ref_kl_logps", "kl_partner") if partners is not None else ("ref_logps",)
+        arrays = [self.cache.load(key, num_rows, required) if key and accelerator.is_main_process else None]
         if accelerator.num_processes > 1:
             broadcast_object_list(arrays, from_process=0)
         arrays = arrays[0]
@@ -275,9 +321,9 @@ class ReferencePrecomputer:
             if partners is not None:
                 arrays["kl_partner"] = partners
             self.last_source[name] = "computed"
-            where = ""
+            saved = None
             if key and accelerator.is_main_process:
-                where = " and cached at " + self.cache.save(
+                saved = self.cache.save(
                     key,
                     arrays,
                     {
@@ -290,12 +336,12 @@ class ReferencePrecomputer:
                 )
             accelerator.wait_for_everyone()
             logger.info(
-                "kto_plugin: reference log-probs for %s (%d rows, batch %d) computed in %.1f s%s",
+                "kto_plugin: reference log-probs for %s (%d rows, batch %d) computed in %s%s",
                 name,
                 num_rows,
                 batch_size,
-                time.perf_counter() - started,
-                where,
+                duration(time.perf_counter() - started),
+                f" and cached at {saved}" if saved else "",
             )
         out = dataset.add_column("ref_logps", arrays["ref_logps"].astype(np.float32))
         if partners is not None:

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ._adapters import AdapterHost, _rename
+from ._cache import write_atomically
 from ._manager import ReferenceManager
 from ._sharding import describe_sharding, shards_parameters
 
@@ -163,16 +164,18 @@ def reference_tensors(trainer: Any, reference: ReferenceManager) -> dict[str, to
 
 
 def save_reference(trainer: Any, reference: ReferenceManager, directory: str) -> str:
-    """Write the synced reference's tensors to ``directory/kto_ref_model.safetensors``; returns the path.
+    """Write the synced reference's tensors to ``directory/kto_ref_model.safetensors``, atomically (a process
+    killed while writing leaves no file under that name); returns the path.
 
     Each tensor is copied to the CPU on its own: safetensors refuses tensors that share storage (tied
     embeddings), and the file must not alias the live weights."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in
                reference_tensors(trainer, reference).items()}
     path = os.path.join(directory, REFERENCE_WEIGHTS_NAME)
-    save_file(tensors, path, metadata={"format": "kto_plugin.sync_ref_model"})
+    data = save(tensors, metadata={"format": "kto_plugin.sync_ref_model"})
+    write_atomically(path, lambda f: f.write(data))
     return path
 
 

@@ -16,6 +16,7 @@ it was measured to pay off (docs/performance.md), and not on accelerators, where
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
@@ -75,7 +76,7 @@ def run_grouped(
     lengths: torch.Tensor, bucketed: bool, run: Callable[[torch.Tensor | slice, int], SequenceLogps]
 ) -> SequenceLogps:
     """Per-row results of `run(rows, width)` over `row_groups`, put back in row order (`run` returns
-    `SequenceLogps` for its rows, in their order)."""
+    `SequenceLogps` for its rows, in their order; per-token fields with the same width for every group)."""
     groups = row_groups(lengths, bucketed)
     if len(groups) == 1:
         return run(*groups[0])
@@ -87,9 +88,6 @@ def run_grouped(
         if any(v is None for v in values):
             return None
         joined = torch.cat(values)
-        return joined.new_zeros(lengths.shape[0]).index_copy(0, index.to(joined.device), joined)
+        return joined.new_zeros((lengths.shape[0], *joined.shape[1:])).index_copy(0, index.to(joined.device), joined)
 
-    return SequenceLogps(
-        logps=merged("logps"), num_tokens=merged("num_tokens"), entropy_sum=merged("entropy_sum"),
-        mean_logit_sum=merged("mean_logit_sum"),
-    )
+    return SequenceLogps(**{field.name: merged(field.name) for field in dataclasses.fields(SequenceLogps)})

@@ -2,8 +2,9 @@
 
 The Trainer has already run the policy on the target batch (`outputs`). `KTOComputeLoss.__call__` is the step in
 the paper's order: the policy's log-probs from that forward, the no-grad passes (the policy on the KL batch, the
-reference on both, switched in once), z0, the loss through the `kto_loss` hook, the metrics. Everything it needs
-beyond `outputs` travels in `labels` (a `KTOLabels` dict from the collator).
+reference on both, switched in once), z0, each row's log-ratio, the loss through the `kto_loss` hook plus the
+`kto_loss_terms`, the metrics. Everything it needs beyond `outputs` travels in `labels` (a `KTOLabels` dict from
+the collator). Per-token log-probs are computed only when a plugin asked for them (`inputs`, from `kto_inputs`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import torch
 
 from ..config import KTOConfig
 from ..hooks import KTOPluginManager
-from ..loss import implied_rewards, weighted_mean
+from ..loss import weighted_mean
 from ..reference import ReferenceManager
 from ..reference._manager import lm_head_of
+from ._collectives import gather, reduce_sum
+from ._log_ratios import LogRatios
 from ._metrics import SUM_KEYS, MetricsAccumulator, micro_batch_sums, record_micro_batch
 from ._nonfinite import NonFiniteGuard
 from ._passes import Passes
@@ -72,7 +75,10 @@ class KTOComputeLoss:
         self.metrics = metrics
         self.guard = guard if guard is not None else NonFiniteGuard(config.on_nonfinite)
         self.passes = Passes(reference, config.loss_type)
-        self.z0 = ReferencePoint(config, plugins, needs_kl)
+        self.log_ratios = LogRatios(config, plugins)
+        self.z0 = ReferencePoint(config, plugins, needs_kl, self.log_ratios)
+        # the optional inputs registered plugins asked for (`kto_inputs`), set by `KTOPlugin`
+        self.inputs: set[str] = set()
         self._trainer: Trainer | None = None
         # weight of the MoE router auxiliary loss, None when none is added (`kto_plugin.integrations`)
         self.router_aux_loss_coef: float | None = None
@@ -107,7 +113,10 @@ class KTOComputeLoss:
     @property
     def trainer(self) -> Trainer:
         if self._trainer is None:
-            raise RuntimeError("The KTO loss hook is not attached to a Trainer: call kto.attach(trainer).")
+            raise RuntimeError(
+                "The KTO loss hook is not attached to a Trainer: call kto.attach(trainer) before trainer.train() "
+                "(it installs the hook, rather than compute_loss_func=kto.loss_hook)."
+            )
         return self._trainer
 
     def __call__(self, outputs: Any, labels: Any, num_items_in_batch: Any = None) -> torch.Tensor:
@@ -121,33 +130,49 @@ class KTOComputeLoss:
         mode = "train" if model.training else "eval"
         policy_head = lm_head_of(trainer.accelerator.unwrap_model(model))
         label = labels["label"]
+        tokens = "token_logps" in self.inputs
+        training = mode == "train"
+        reduce = reduce_sum(trainer.accelerator)
 
         # 1. the policy's log-probs of the target batch, from the Trainer's own forward (the gradient flows here)
-        policy = self.policy_path.from_outputs(outputs, policy_head, labels["completion_labels"], with_stats=True)
+        policy = self.policy_path.from_outputs(
+            outputs, policy_head, labels["completion_labels"], with_stats=True, with_tokens=tokens
+        )
         with torch.no_grad():
             # 2. the KL pass: the policy on (prompt i, completion of i's partner); not needed when the window's
             #    z0 applies or the loss has no KL term
             with_kl = self.needs_kl and not self.z0.uses_window(mode)
-            policy_kl = self.passes.policy_kl(model, policy_head, labels, outputs) if with_kl else None
+            policy_kl = (
+                self.passes.policy_kl(model, policy_head, labels, outputs, with_tokens=tokens) if with_kl else None
+            )
             # 3. the reference on both batches, switched in once
-            reference = self.passes.reference_logps(trainer, labels, with_kl=with_kl)
+            reference = self.passes.reference_logps(trainer, labels, with_kl=with_kl, with_tokens=tokens)
             # 4. z0 (detached)
-            kl = self.z0.for_micro_batch(trainer.accelerator, mode, policy_kl, reference.kl, labels, policy.logps)
-        # 5. the loss, through the kto_loss hook, then the desirable/undesirable weights
-        losses = self.plugins.loss(
-            loss_type=self.config.loss_type,
-            policy_logps=policy.logps,
-            reference_logps=reference.target,
-            kl=kl,
-            labels=label,
-            config=self.config,
+            kl = self.z0.for_micro_batch(trainer.accelerator, mode, policy_kl, reference, labels, policy.logps)
+        # 5. each row's log-ratio r, as the losses, z0 and the metrics define it
+        log_ratios = self.log_ratios(
+            policy.logps, reference.target, policy.num_tokens, policy.token_logps, reference.target_tokens
         )
-        loss = weighted_mean(losses, label, self.config.desirable_weight, self.config.undesirable_weight)
+        # 6. the loss, through the kto_loss hook, then the desirable/undesirable weights, then any extra terms
+        inputs = dict(
+            policy_logps=policy.logps, reference_logps=reference.target, kl=kl, labels=label, config=self.config,
+            log_ratios=log_ratios, num_tokens=policy.num_tokens, training=training, reduce_sum=reduce,
+        )
+        result = self.plugins.loss_result(
+            loss_type=self.config.loss_type, policy_token_logps=policy.token_logps,
+            reference_token_logps=reference.target_tokens, **inputs,
+        )
+        loss = weighted_mean(result.losses, label, self.config.desirable_weight, self.config.undesirable_weight)
+        terms = self.plugins.loss_terms(**inputs)
+        for term in terms.values():
+            loss = loss + term
         if self.router_aux_loss_coef is not None:
             loss = loss + self._router_aux_loss(trainer, mode, outputs, loss.device)
-        # 6. the metrics, from rewards computed once
-        rewards = implied_rewards(policy.logps.detach(), reference.target, self.config.beta)
-        self._record(trainer, mode, policy, reference.target, rewards, kl, losses, labels)
+        # 7. the metrics, from rewards computed once
+        reference_point = kl if result.reference_point is None else result.reference_point.to(kl.device)
+        rewards = self.config.beta * log_ratios.detach()
+        self._record(trainer, mode, policy, reference.target, rewards, kl, result.losses, labels,
+                     log_ratios.detach(), reference_point, {k: v.detach() for k, v in terms.items()})
         if mode == "eval":
             self.eval_batch = EvalBatch(
                 policy.logps.detach(), reference.target, rewards, outputs, policy_head, self.policy_path.use_hidden,
@@ -165,9 +190,12 @@ class KTOComputeLoss:
         kl: torch.Tensor,
         losses: torch.Tensor,
         labels: Mapping[str, Any],
+        log_ratios: torch.Tensor,
+        reference_point: torch.Tensor,
+        terms: Mapping[str, torch.Tensor],
     ) -> None:
-        """This micro-batch's metrics, reduced across processes in one all-reduce (every rank logs the same); then
-        the non-finite guard, which every rank reaches together."""
+        """This micro-batch's metrics (the loss terms among them), reduced across processes in one all-reduce (every
+        rank logs the same); then the non-finite guard, which every rank reaches together."""
         label = labels["label"]
         with torch.no_grad():
             logps = policy.logps.detach()
@@ -183,8 +211,10 @@ class KTOComputeLoss:
             )
             extra = self.plugins.metrics(
                 policy_logps=logps, reference_logps=reference_logps, kl=kl, labels=label, losses=losses.detach(),
-                config=self.config,
+                config=self.config, log_ratios=log_ratios, reference_point=reference_point,
+                num_tokens=policy.num_tokens, training=mode == "train",
             )
+            extra.update({name: float(value) for name, value in terms.items() if name not in extra})
             extra_keys = sorted(extra)
             if extra_keys:
                 stats = torch.cat([stats, stats.new_tensor([extra[k] for k in extra_keys])])
@@ -202,6 +232,11 @@ class KTOComputeLoss:
         if sums["nonfinite"] > 0:
             kl_rows = list(self.z0.nonfinite_rows) if not kl_finite else []
             self.guard.gather_and_report(trainer, mode, rows_of(labels, bad), kl_rows, float(kl))
+
+    def evaluation_metrics(self) -> dict[str, float]:
+        """The plugins' metrics over the whole evaluation just run (`kto_evaluation_metrics`); every process calls
+        this when the evaluation's metrics are logged."""
+        return self.plugins.evaluation_metrics(config=self.config, gather=gather(self.trainer.accelerator))
 
     def _router_aux_loss(self, trainer: Trainer, mode: str, outputs: Any, device: torch.device) -> torch.Tensor:
         """`coef * aux_loss` of the policy forward (the model's own load-balancing loss); logs `aux_loss`."""
@@ -233,4 +268,6 @@ class KTOComputeLoss:
         device = trainer.accelerator.device
         window = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b["labels"].items()}
                   for b in batches]
-        self.z0.start_window(trainer.accelerator, window, lambda labels: self.passes.kl_logps(trainer, labels))
+        tokens = "token_logps" in self.inputs
+        accelerator = trainer.accelerator
+        self.z0.start_window(accelerator, window, lambda labels: self.passes.kl_logps(trainer, labels, tokens))

@@ -10,7 +10,9 @@ Two paths, chosen once per model at attach (`LogpsPath`):
   adapter on the LM head, FSDP-sharded weights, models without `logits_to_keep`): the model's own logits,
   log-softmaxed a chunk of completion positions at a time.
 
-Both give ``sum_t log pi(y_t | x, y_<t)`` over completion tokens (KTO paper eq. 7 uses the sum, not the mean).
+Both give ``sum_t log pi(y_t | x, y_<t)`` over completion tokens (KTO paper eq. 7 uses the sum, not the mean), and,
+only when asked (``with_tokens=True``: a registered plugin asked for per-token values through `kto_inputs`), the
+per-token log-probs as a (B, T) tensor laid out like the completion labels.
 """
 
 from __future__ import annotations
@@ -41,13 +43,16 @@ _LOGIT_TRANSFORMS = (
 class SequenceLogps:
     """Per-sequence results of one forward.
 
-    `logps` carries the gradient; the statistics are detached and only filled when asked for.
+    `logps` (and `token_logps`) carry the gradient; the statistics are detached and only filled when asked for.
     """
 
     logps: torch.Tensor  # (B,) float32: summed completion log-probs
     num_tokens: torch.Tensor  # (B,) completion tokens scored per row
     entropy_sum: torch.Tensor | None = None  # (B,) summed per-token entropy
     mean_logit_sum: torch.Tensor | None = None  # (B,) summed per-token mean logit (over the vocabulary)
+    # (B, T) float32, only with `with_tokens`: entry t is log pi(token t | tokens < t) where token t is a completion
+    # token (completion_labels[b, t] != ignore index), 0 elsewhere; `logps` is its sum over t
+    token_logps: torch.Tensor | None = None
 
 
 def _chunk_tokens(vocab_size: int, device: torch.device) -> int:
@@ -142,8 +147,19 @@ def completion_index(
     return rows, positions, shifted[rows, positions]
 
 
+def completion_token_counts(completion_labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """(B,) float32: completion tokens scored per row, the `num_tokens` of `SequenceLogps` (from labels alone, so
+    also for batches whose log-probs were precomputed)."""
+    return (completion_labels[:, 1:] != ignore_index).sum(-1).float()
+
+
 def _per_row(values: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
     return values.new_zeros(batch_size).index_add(0, rows, values)
+
+
+def _per_token(values: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    # position p scores token p + 1 (`completion_index`): the value goes where that token's label is
+    return values.new_zeros(shape).index_put((rows, positions + 1), values)
 
 
 def logps_from_hidden(
@@ -152,6 +168,7 @@ def logps_from_hidden(
     completion_labels: torch.Tensor,
     with_stats: bool = False,
     ignore_index: int = IGNORE_INDEX,
+    with_tokens: bool = False,
 ) -> SequenceLogps:
     """Summed completion log-probs from final hidden states (B, T', H); T' >= T keeps the last T positions."""
     batch_size, seq_len = completion_labels.shape
@@ -163,12 +180,16 @@ def logps_from_hidden(
     token_logps, entropy, mean_logit = _ChunkedCompletionLogps.apply(
         token_hidden, weight, bias, targets.to(weight.device), with_stats
     )
-    return _assemble(token_logps, entropy, mean_logit, rows.to(weight.device), batch_size, with_stats)
+    out = _assemble(token_logps, entropy, mean_logit, rows.to(weight.device), batch_size, with_stats)
+    if with_tokens:
+        device = weight.device
+        out.token_logps = _per_token(token_logps, rows.to(device), positions.to(device), completion_labels.shape)
+    return out
 
 
 def logps_from_logits(
     logits: torch.Tensor, completion_labels: torch.Tensor, with_stats: bool = False,
-    ignore_index: int = IGNORE_INDEX,
+    ignore_index: int = IGNORE_INDEX, with_tokens: bool = False,
 ) -> SequenceLogps:
     """Summed completion log-probs from the model's own logits (B, T', V), a chunk of positions at a time."""
     batch_size, seq_len = completion_labels.shape
@@ -188,7 +209,10 @@ def logps_from_logits(
     token_logps = torch.cat(parts) if parts else empty
     entropy = torch.cat(entropies) if entropies else empty
     mean_logit = torch.cat(means) if means else empty
-    return _assemble(token_logps, entropy, mean_logit, rows, batch_size, with_stats)
+    out = _assemble(token_logps, entropy, mean_logit, rows, batch_size, with_stats)
+    if with_tokens:
+        out.token_logps = _per_token(token_logps, rows, positions, completion_labels.shape)
+    return out
 
 
 def _assemble(token_logps, entropy, mean_logit, rows, batch_size, with_stats) -> SequenceLogps:
@@ -223,18 +247,21 @@ class LogpsPath:
         return {"use_cache": False}
 
     def from_outputs(
-        self, outputs: Any, lm_head: nn.Module | None, completion_labels: torch.Tensor, with_stats: bool = False
+        self, outputs: Any, lm_head: nn.Module | None, completion_labels: torch.Tensor, with_stats: bool = False,
+        with_tokens: bool = False,
     ) -> SequenceLogps:
+        """`with_tokens`: also the (B, T) per-token log-probs (`SequenceLogps.token_logps`)."""
         hidden_states = getattr(outputs, "hidden_states", None)
         if self.use_hidden and hidden_states is not None and lm_head is not None:
-            return self.from_hidden(hidden_states[-1], lm_head, completion_labels, with_stats)
-        return logps_from_logits(outputs.logits, completion_labels, with_stats, self.ignore_index)
+            return self.from_hidden(hidden_states[-1], lm_head, completion_labels, with_stats, with_tokens)
+        return logps_from_logits(outputs.logits, completion_labels, with_stats, self.ignore_index, with_tokens)
 
     def from_hidden(
-        self, hidden: torch.Tensor, lm_head: nn.Module, completion_labels: torch.Tensor, with_stats: bool = False
+        self, hidden: torch.Tensor, lm_head: nn.Module, completion_labels: torch.Tensor, with_stats: bool = False,
+        with_tokens: bool = False,
     ) -> SequenceLogps:
         """Summed completion log-probs from final hidden states (B, T, H) whose position t scores label t + 1."""
-        return logps_from_hidden(hidden, lm_head, completion_labels, with_stats, self.ignore_index)
+        return logps_from_hidden(hidden, lm_head, completion_labels, with_stats, self.ignore_index, with_tokens)
 
     def forward(
         self,
@@ -244,11 +271,12 @@ class LogpsPath:
         attention_mask: torch.Tensor,
         completion_labels: torch.Tensor,
         with_stats: bool = False,
+        with_tokens: bool = False,
         **extra: Any,
     ) -> SequenceLogps:
-        """Run `module` on a batch and return its summed completion log-probs."""
+        """Run `module` on a batch and return its summed completion log-probs (`with_tokens`: per token too)."""
         outputs = module(input_ids=input_ids, attention_mask=attention_mask, **self.model_kwargs(), **extra)
-        return self.from_outputs(outputs, lm_head, completion_labels, with_stats)
+        return self.from_outputs(outputs, lm_head, completion_labels, with_stats, with_tokens)
 
 
 def choose_path(model: nn.Module, sharded: bool = False) -> LogpsPath:

@@ -25,7 +25,10 @@ RATIOS: dict[str, tuple[str, str]] = {
 }
 # logged otherwise: z0 as used, the reward margin, the running count of input tokens, the MoE router's aux loss
 OTHER_NAMES = ("kl", "rewards/margins", "num_tokens", "aux_loss")
-KTO_METRIC_NAMES = (*RATIOS, *OTHER_NAMES)
+# logged by the built-in plugins of the KTO family (`kto_plugin.hooks`, `kto_plugin.step._reference_point`):
+# every run's reward accuracy and, at evaluation, AUROC; BCO's delta; the SFT term (`sft_weight`)
+FAMILY_NAMES = ("rewards/accuracy", "rewards/auroc", "bco/delta", "sft_loss")
+KTO_METRIC_NAMES = (*RATIOS, *OTHER_NAMES, *FAMILY_NAMES)
 # what the stock Trainer logs itself
 TRAINER_METRIC_NAMES = (
     "loss", "grad_norm", "learning_rate", "epoch", "step", "runtime", "samples_per_second", "steps_per_second",
@@ -66,6 +69,38 @@ def micro_batch_sums(
         "nonfinite": nonfinite,
     }
     return torch.stack([values[k].float().to(logps.device) for k in SUM_KEYS])
+
+
+def reward_accuracy(log_ratios: torch.Tensor, labels: torch.Tensor, reference_point: torch.Tensor) -> torch.Tensor:
+    """() fraction of rows on the right side of the reference point: desirable rows with ``r > z0``, undesirable
+    rows with ``r < z0`` (equivalently their reward ``beta * r`` above or below ``beta * z0``; a tie is wrong).
+
+    Worked case: r = [2, -1, 0.5, 3], labels = [True, False, True, False], z0 = 1: rows 0 and 1 are right, 2 and 3
+    wrong: 0.5.
+    """
+    reference_point = reference_point.to(log_ratios.device)
+    right = torch.where(labels, log_ratios > reference_point, log_ratios < reference_point)
+    return right.float().mean() if right.numel() else log_ratios.new_zeros(())
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Area under the ROC curve of `scores` (B,) against the bool `labels` (B,): the probability that a random
+    desirable row scores above a random undesirable one, ties counting one half (Mann-Whitney U / (n+ n-)).
+    None when either label is absent.
+
+    Worked case: scores [0.9, 0.1, 0.4, 0.4], labels [True, False, True, False]: of the 4 (desirable,
+    undesirable) pairs, 0.9 beats both, 0.4 beats 0.1 and ties 0.4: (3 + 0.5) / 4 = 0.875.
+    """
+    scores, labels = scores.detach().double().cpu(), labels.bool().cpu()
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    # average ranks (1-based) of tied scores
+    _, group, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = ((ends - counts + 1 + ends) / 2)[group]
+    u = ranks[labels].sum().item() - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
 
 
 def record_micro_batch(

@@ -6,9 +6,12 @@
 
 Where the model and the batch allow it (`_shared_prompt`), each prompt is computed once per model: the policy's KL
 pass scores the KL completions against the Trainer's forward's cache of the prompts, and the reference runs the
-prompts once and scores both completion sets against them. Otherwise every pass runs full rows.
+prompts once and both completion sets against them. Otherwise every pass runs full rows. On the CPU the rows of
+these passes run in groups of similar length (`_buckets`).
 
-Call them under `torch.no_grad()`; every result is a (B,) float32 tensor of summed completion log-probs.
+Call them under `torch.no_grad()`; every result holds (B,) float32 summed completion log-probs and, when asked
+(``with_tokens``: a plugin asked for per-token values), the (B, T) per-token log-probs (`SequenceLogps.token_logps`),
+laid out like the batch's completion labels whichever way they were computed.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def model_inputs(labels: Mapping[str, Any], prefix: str = "") -> dict[str, torch
 class ReferenceLogps(NamedTuple):
     target: torch.Tensor | None  # (B,) the reference's log-probs of each row's own completion
     kl: torch.Tensor | None  # (B,) of the KL pairs, or None when not asked for
+    target_tokens: torch.Tensor | None = None  # (B, T) per token, only `with_tokens`
+    kl_tokens: torch.Tensor | None = None  # (B, T) per token of the KL pairs, only `with_tokens` and `with_kl`
 
 
 class Passes:
@@ -63,26 +68,36 @@ class Passes:
         self.bucketed = False
 
     def policy_kl(
-        self, model: Any, policy_head: Any, labels: Mapping[str, Any], outputs: Any = None
-    ) -> torch.Tensor:
+        self, model: Any, policy_head: Any, labels: Mapping[str, Any], outputs: Any = None, with_tokens: bool = False
+    ) -> SequenceLogps:
         """The policy's log-probs of the KL batch (prompt i, completion of its KL partner). `outputs`: the Trainer's
         forward of the target batch; where it holds the prompts' cache, only the KL completions are computed."""
         sharing, path = self.policy_sharing, self.policy_path
         layout = self._layout(labels, sharing, path) if outputs is not None else None
         prompt = prompt_state_of(outputs, layout, sharing) if layout is not None else None
         if prompt is not None:
-            return score_completions(model, policy_head, path, prompt, layout, layout.kl, sharing, self.bucketed).logps
-        return self._full_rows(model, policy_head, path, labels, "kl_")
+            return score_completions(
+                model, policy_head, path, prompt, layout, layout.kl, sharing, self.bucketed,
+                labels["kl_completion_labels"].shape[1] if with_tokens else None,
+            )
+        return self._full_rows(model, policy_head, path, labels, "kl_", with_tokens)
 
     def reference_logps(
-        self, trainer: Trainer, labels: Mapping[str, Any], with_kl: bool, with_target: bool = True
+        self, trainer: Trainer, labels: Mapping[str, Any], with_kl: bool, with_target: bool = True,
+        with_tokens: bool = False,
     ) -> ReferenceLogps:
         """The reference's log-probs of the target batch and (`with_kl`) the KL batch: precomputed when the batch
-        carries them, else no-grad passes inside one switch into the reference (the prompts once and each
-        completion set against them, or each batch in full). The precompute pass calls this too, so precomputed
-        and live values come from the same code. `with_target=False` skips the target batch (its entry is then
-        None)."""
+        carries them, else no-grad passes inside one switch into the reference (the prompts once and both
+        completion sets against them, or each batch in full rows). The precompute pass calls this too, so
+        precomputed and live values come from the same code. `with_target=False` skips the target batch (its entry
+        is then None). `with_tokens`: per-token values too (never precomputed; `KTOPlugin` refuses precomputed
+        log-probs with a plugin that asks for them)."""
         if "ref_logps_bits" in labels:
+            if with_tokens:
+                raise ValueError(
+                    "A registered plugin asked for per-token log-probs (kto_inputs), but the batch carries "
+                    "precomputed reference log-probs, which are sums only. Set precompute_ref_log_probs=False."
+                )
             target = bits_as_float32(labels["ref_logps_bits"]) if with_target else None
             return ReferenceLogps(target, self._precomputed_kl(labels, with_kl))
         sharing, path = self.reference_sharing, self.reference_path
@@ -90,13 +105,26 @@ class Passes:
         with self.reference.activate(trainer) as module:
             head = lm_head_of(trainer.accelerator.unwrap_model(module))
             if layout is not None:
+                width = max(labels["completion_labels"].shape[1], labels["kl_completion_labels"].shape[1])
                 prompt = prompt_pass(module, labels["input_ids"], layout, sharing, self.bucketed)
-                both = score_completions(module, head, path, prompt, layout, layout.completions, sharing, self.bucketed)
+                both = score_completions(
+                    module, head, path, prompt, layout, layout.completions, sharing, self.bucketed,
+                    width if with_tokens else None,
+                )
                 target, kl = both.logps.chunk(2)
-                return ReferenceLogps(target, kl)
-            kl = self._full_rows(module, head, path, labels, "kl_") if with_kl else None
-            target = self._full_rows(module, head, path, labels) if with_target else None
-        return ReferenceLogps(target, kl)
+                if not with_tokens:
+                    return ReferenceLogps(target, kl)
+                target_tokens, kl_tokens = both.token_logps.chunk(2)
+                return ReferenceLogps(
+                    target, kl, target_tokens[:, : labels["completion_labels"].shape[1]],
+                    kl_tokens[:, : labels["kl_completion_labels"].shape[1]],
+                )
+            kl = self._full_rows(module, head, path, labels, "kl_", with_tokens) if with_kl else None
+            target = self._full_rows(module, head, path, labels, "", with_tokens) if with_target else None
+        return ReferenceLogps(
+            None if target is None else target.logps, None if kl is None else kl.logps,
+            None if target is None else target.token_logps, None if kl is None else kl.token_logps,
+        )
 
     def _layout(self, labels: Mapping[str, Any], sharing: PromptSharing, path: LogpsPath) -> SharedLayout | None:
         """The batch cut into prompts and completions, or None where its passes run full rows."""
@@ -106,20 +134,27 @@ class Passes:
         return layout if layout is not None and fits_window(layout, sharing) else None
 
     def _full_rows(
-        self, module: Any, head: Any, path: LogpsPath, labels: Mapping[str, Any], prefix: str = ""
-    ) -> torch.Tensor:
+        self, module: Any, head: Any, path: LogpsPath, labels: Mapping[str, Any], prefix: str = "",
+        with_tokens: bool = False,
+    ) -> SequenceLogps:
         """`module`'s log-probs of the target batch (`prefix` "") or the KL batch ("kl_"), full rows (right-padded,
-        so a group of rows is cut to its longest)."""
+        so a group of rows is cut to its longest, and its per-token values padded back to the batch's width)."""
         ids, mask = labels[f"{prefix}input_ids"], labels[f"{prefix}attention_mask"]
         completion_labels = labels[f"{prefix}completion_labels"]
         extra = model_inputs(labels, prefix)
         if extra:  # decoder or image inputs: one call over the whole batch
-            return path.forward(module, head, ids, mask, completion_labels, **extra).logps
+            return path.forward(module, head, ids, mask, completion_labels, with_tokens=with_tokens, **extra)
 
         def run(rows: torch.Tensor | slice, width: int) -> SequenceLogps:
-            return path.forward(module, head, ids[rows, :width], mask[rows, :width], completion_labels[rows, :width])
+            out = path.forward(
+                module, head, ids[rows, :width], mask[rows, :width], completion_labels[rows, :width],
+                with_tokens=with_tokens,
+            )
+            if out.token_logps is not None:
+                out.token_logps = torch.nn.functional.pad(out.token_logps, (0, ids.shape[1] - width))
+            return out
 
-        return run_grouped(mask.sum(1), self.bucketed, run).logps
+        return run_grouped(mask.sum(1), self.bucketed, run)
 
     def _precomputed_kl(self, labels: Mapping[str, Any], with_kl: bool) -> torch.Tensor | None:
         if not with_kl:
@@ -132,8 +167,11 @@ class Passes:
             )
         return bits_as_float32(labels["ref_kl_logps_bits"])
 
-    def kl_logps(self, trainer: Trainer, labels: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def kl_logps(
+        self, trainer: Trainer, labels: Mapping[str, Any], with_tokens: bool = False
+    ) -> tuple[SequenceLogps, ReferenceLogps]:
         """The policy's and the reference's log-probs of the KL batch (all the window's z0 needs)."""
         model = trainer.model
-        policy = self.policy_kl(model, lm_head_of(trainer.accelerator.unwrap_model(model)), labels)
-        return policy, self.reference_logps(trainer, labels, with_kl=True, with_target=False).kl
+        policy = self.policy_kl(model, lm_head_of(trainer.accelerator.unwrap_model(model)), labels,
+                                with_tokens=with_tokens)
+        return policy, self.reference_logps(trainer, labels, with_kl=True, with_target=False, with_tokens=with_tokens)

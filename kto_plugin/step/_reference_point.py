@@ -1,9 +1,15 @@
 """z0, the KTO reference point (paper section 4.1): every way it is estimated, in one place.
 
-* default: ``clamp(sum(policy_kl - reference_kl) / count, min=0)`` over the mismatched pairs of the micro-batch,
-  the sum and count all-reduced across processes before the division (a rank with fewer pairs weighs less);
+* default (``reference_point="mean"``): ``clamp(sum(r_kl) / count, min=0)`` over the mismatched pairs' log-ratios
+  ``r_kl`` (`kto_plugin.step._log_ratios`: ``policy_kl - reference_kl`` unless humanline or ``length_normalize``
+  redefine them) of the micro-batch, the sum and count all-reduced across processes before the division (a rank
+  with fewer pairs weighs less): `mean_reference_point`;
+* ``reference_point="positive_mean"``: the same over the pairs with a positive log-ratio only
+  (`PositiveMeanReferencePoint`, a built-in plugin);
+* ``reference_point="ema"``: an exponential moving average of the default estimate across steps
+  (`EMAReferencePoint`, a built-in plugin whose state is saved in checkpoints);
 * a plugin's `kto_reference_point` estimate (detached, averaged across processes, not clamped);
-* ``kl_estimate="window"``: the same estimate over every micro-batch of the gradient-accumulation window, computed
+* ``kl_estimate="window"``: any of these over every micro-batch of the gradient-accumulation window, computed
   once before the window's first micro-batch (`start_window`, called from the wrapped `get_batch_samples`);
 * loss types that declared ``needs_kl=False``: 0.
 
@@ -13,13 +19,21 @@ z0 is detached: it carries no gradient.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..config import KTOConfig
-from ..hooks import KTOPluginManager
-from ..loss import kl_reference_point
+from ..hookspecs import hookimpl
+from ..loss import reference_point_sums
+from ._collectives import reduce_sum
+from ._logprobs import completion_token_counts
+
+if TYPE_CHECKING:
+    from ..hooks import KTOPluginManager
+    from ._log_ratios import LogRatios
+    from ._logprobs import SequenceLogps
+    from ._passes import ReferenceLogps
 
 
 def rows_of(labels: Mapping[str, Any], mask: torch.Tensor) -> list[int]:
@@ -30,13 +44,84 @@ def rows_of(labels: Mapping[str, Any], mask: torch.Tensor) -> list[int]:
     return positions.tolist()
 
 
+def mean_reference_point(
+    kl_log_ratios: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor], positive_only: bool = False
+) -> torch.Tensor:
+    """``clamp(sum / count, min=0)`` of the pairs' log-ratios (only the positive ones with `positive_only`), the sum
+    and count summed over processes by `reduce` first; 0 without pairs."""
+    stats = reduce(torch.stack(reference_point_sums(kl_log_ratios, positive_only)))
+    return (stats[0] / stats[1].clamp(min=1)).clamp(min=0)
+
+
+class PositiveMeanReferencePoint:
+    """``reference_point="positive_mean"``: z0 is the mean over the mismatched pairs whose log-ratio is positive
+    (sum and count over every process), 0 when none is. It ignores the pairs the policy finds less likely than
+    the reference, which pull the plain mean towards (and, clamped, to) 0."""
+
+    name = "positive_mean"
+
+    @hookimpl(trylast=True)
+    def kto_reference_point(
+        self, kl_log_ratios: torch.Tensor, config: KTOConfig, reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor | None:
+        if config.reference_point != self.name:
+            return None
+        return mean_reference_point(kl_log_ratios, reduce_sum, positive_only=True)
+
+
+class EMAReferencePoint:
+    """``reference_point="ema"``: ``z0_t = decay * z0_{t-1} + (1 - decay) * m_t``, ``m_t`` the default estimate
+    (`mean_reference_point`), ``z0_1 = m_1``.
+
+    Updated each time z0 is estimated in training: once per micro-batch, or once per optimizer step with
+    ``kl_estimate="window"``. Evaluation reads it and never updates it (before any training step it uses the
+    micro-batch's own estimate). `m_t` is reduced over processes first, so every rank holds the same value. A
+    non-finite estimate is passed on (the non-finite guard reports it) without entering the average. Kept in
+    float64, saved in checkpoints (`kto_state_dict`) and restored on resume.
+    """
+
+    name = "ema"
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+
+    @hookimpl(trylast=True)
+    def kto_reference_point(
+        self,
+        kl_log_ratios: torch.Tensor,
+        config: KTOConfig,
+        training: bool,
+        reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor | None:
+        if config.reference_point != self.name:
+            return None
+        estimate = mean_reference_point(kl_log_ratios, reduce_sum)
+        if not torch.isfinite(estimate):
+            return estimate  # reported by the non-finite guard; it does not enter the average
+        if not training:
+            return estimate if self.value is None else estimate.new_tensor(self.value)
+        decay = config.reference_point_ema_decay
+        m = estimate.item()
+        self.value = m if self.value is None else decay * self.value + (1 - decay) * m
+        return estimate.new_tensor(self.value)
+
+    @hookimpl(trylast=True)
+    def kto_state_dict(self) -> dict[str, float] | None:
+        return None if self.value is None else {"value": self.value}
+
+    @hookimpl(trylast=True)
+    def kto_load_state_dict(self, state: dict[str, Any] | None) -> None:
+        self.value = None if not state else float(state["value"])
+
+
 class ReferencePoint:
     """Estimates z0 for each micro-batch; holds the window's value and the rows of non-finite KL pairs."""
 
-    def __init__(self, config: KTOConfig, plugins: KTOPluginManager, needs_kl: bool) -> None:
+    def __init__(self, config: KTOConfig, plugins: KTOPluginManager, needs_kl: bool, log_ratios: LogRatios) -> None:
         self.config = config
         self.plugins = plugins
         self.needs_kl = needs_kl
+        self.log_ratios = log_ratios
         self.window: torch.Tensor | None = None  # z0 of the current accumulation window (kl_estimate="window")
         self.nonfinite_rows: list[int] = []  # rows whose KL pair was not finite, in the last estimate
 
@@ -48,8 +133,8 @@ class ReferencePoint:
         self,
         accelerator: Any,
         mode: str,
-        policy_kl: torch.Tensor | None,
-        reference_kl: torch.Tensor | None,
+        policy_kl: SequenceLogps | None,
+        reference: ReferenceLogps,
         labels: Mapping[str, Any],
         like: torch.Tensor,
     ) -> torch.Tensor:
@@ -59,31 +144,46 @@ class ReferencePoint:
             return self.window.to(like.device)
         if not self.needs_kl:
             return like.new_zeros(())
-        return self.estimate(accelerator, policy_kl, reference_kl, labels)
+        return self.estimate(accelerator, mode == "train", *self._pairs(policy_kl, reference, labels), labels)
+
+    def _pairs(
+        self, policy_kl: SequenceLogps, reference: ReferenceLogps, labels: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(policy log-probs, reference log-probs, log-ratios, token counts) of one micro-batch's KL pairs."""
+        num_tokens = completion_token_counts(labels["kl_completion_labels"], self.config.label_pad_token_id)
+        ratios = self.log_ratios(policy_kl.logps, reference.kl, num_tokens.to(reference.kl.device),
+                                 policy_kl.token_logps, reference.kl_tokens)
+        return policy_kl.logps.float(), reference.kl.float(), ratios.float(), num_tokens
 
     def estimate(
-        self, accelerator: Any, policy_kl: torch.Tensor, reference_kl: torch.Tensor, labels: Mapping[str, Any]
+        self,
+        accelerator: Any,
+        training: bool,
+        policy_kl: torch.Tensor,
+        reference_kl: torch.Tensor,
+        kl_log_ratios: torch.Tensor,
+        kl_num_tokens: torch.Tensor,
+        labels: Mapping[str, Any],
     ) -> torch.Tensor:
-        """z0 from the mismatched pairs' log-probs (B,) of this process and every other (one collective)."""
-        self.nonfinite_rows = rows_of(labels, ~torch.isfinite(policy_kl - reference_kl))
+        """z0 from the mismatched pairs (B,) of this process and every other (one collective, or a plugin's)."""
+        self.nonfinite_rows = rows_of(labels, ~torch.isfinite(kl_log_ratios))
+        reduce = reduce_sum(accelerator)
         custom = self.plugins.reference_point(
-            policy_kl_logps=policy_kl, reference_kl_logps=reference_kl, config=self.config
+            policy_kl_logps=policy_kl, reference_kl_logps=reference_kl, config=self.config,
+            kl_log_ratios=kl_log_ratios, kl_num_tokens=kl_num_tokens, training=training, reduce_sum=reduce,
         )
-        if custom is not None:
-            value = custom.detach().float().reshape(1)
-            if accelerator.num_processes > 1:
-                value = accelerator.reduce(value, "mean")
-            return value.reshape(())
-        stats = torch.stack(kl_reference_point(policy_kl, reference_kl))
+        if custom is None:
+            return mean_reference_point(kl_log_ratios, reduce)
+        value = custom.detach().float().reshape(1).to(kl_log_ratios.device)
         if accelerator.num_processes > 1:
-            stats = accelerator.reduce(stats, "sum")
-        return (stats[0] / stats[1].clamp(min=1)).clamp(min=0)
+            value = accelerator.reduce(value, "mean")
+        return value.reshape(())
 
     def start_window(
         self,
         accelerator: Any,
         batches: list[Mapping[str, Any]],
-        kl_logps: Callable[[Mapping[str, Any]], tuple[torch.Tensor, torch.Tensor]],
+        kl_logps: Callable[[Mapping[str, Any]], tuple[SequenceLogps, ReferenceLogps]],
     ) -> None:
         """z0 over a whole gradient-accumulation window, before its first micro-batch (``kl_estimate="window"``).
 
@@ -95,13 +195,12 @@ class ReferencePoint:
         if not batches:
             return
         with torch.no_grad():
-            pairs = [kl_logps(labels) for labels in batches]
-            policy_kl = torch.cat([p.float() for p, _ in pairs])
-            reference_kl = torch.cat([r.float() for _, r in pairs])
+            parts = [self._pairs(*kl_logps(labels), labels) for labels in batches]
+            policy_kl, reference_kl, ratios, num_tokens = (torch.cat(column) for column in zip(*parts))
             merged = {}
             if all("row_index" in labels for labels in batches):
                 merged["row_index"] = torch.cat([labels["row_index"] for labels in batches])
-            self.window = self.estimate(accelerator, policy_kl, reference_kl, merged)
+            self.window = self.estimate(accelerator, True, policy_kl, reference_kl, ratios, num_tokens, merged)
 
 
 class WindowBatchSamples:

@@ -289,11 +289,13 @@ def prompt_pass(
 
 def score_completions(
     module: nn.Module, lm_head: nn.Module, path: LogpsPath, prompt: PromptState, layout: SharedLayout,
-    part: CompletionPart, sharing: PromptSharing, bucketed: bool = False,
+    part: CompletionPart, sharing: PromptSharing, bucketed: bool = False, token_width: int | None = None,
 ) -> SequenceLogps:
     """Summed log-probs of `part`'s completions, each after its prompt: `module` runs over the completion tokens
     only, against the prompts' cache (copied: the model appends to it), in groups of similar completion length when
-    `bucketed`. Call under no_grad."""
+    `bucketed`. With `token_width`, also the per-token log-probs, laid out as in the full rows (R, token_width):
+    completion token j of a row at column ``P + j``, where the full row's completion labels hold it. Call under
+    no_grad."""
     from transformers import DynamicCache
 
     def run(rows: torch.Tensor | slice, width: int) -> SequenceLogps:
@@ -301,19 +303,32 @@ def score_completions(
         prompt_lengths = layout.prompt_lengths[prompt_rows]
         if width == 0:  # no completion token left in these rows (a prompt filling max_length)
             zeros = prompt.last_hidden.new_zeros(prompt_rows.shape[0], dtype=torch.float32)
-            return SequenceLogps(zeros, zeros.clone())
+            tokens = None if token_width is None else zeros.new_zeros(prompt_rows.shape[0], token_width)
+            return SequenceLogps(zeros, zeros.clone(), token_logps=tokens)
         # the group's longest prompt (at least one slot: an empty prompt's slot is masked out)
         prompt_width = max(int(prompt_lengths.max()), 1)
         cache = DynamicCache(ddp_cache_data=[(k[prompt_rows, :, :prompt_width], v[prompt_rows, :, :prompt_width])
                                              for k, v in prompt.layers])
+        offsets = torch.arange(width, device=prompt_lengths.device)
         outputs = module(
             input_ids=part.input_ids[rows, :width],
             attention_mask=torch.cat([_prompt_mask(prompt_lengths, prompt_width), part.attention_mask[rows, :width]], 1),
-            position_ids=prompt_lengths[:, None] + torch.arange(width, device=prompt_lengths.device),
-            **{sharing.cache_kwarg: cache}, use_cache=True, output_hidden_states=True, logits_to_keep=1,
+            position_ids=prompt_lengths[:, None] + offsets, **{sharing.cache_kwarg: cache}, use_cache=True,
+            output_hidden_states=True, logits_to_keep=1,
         )
         completion_hidden = outputs.hidden_states[-1]
         first = prompt.last_hidden[prompt_rows][:, None].to(completion_hidden.dtype)
-        return path.from_hidden(torch.cat([first, completion_hidden], 1), lm_head, part.labels[rows, : 1 + width])
+        result = path.from_hidden(
+            torch.cat([first, completion_hidden], 1), lm_head, part.labels[rows, : 1 + width],
+            with_tokens=token_width is not None,
+        )
+        if token_width is not None:
+            # column 1 + j holds token j's value; in the full row that token sits at column P + j (the scatter's
+            # extra `width` columns take the padding's zeros, then are cut off)
+            full = result.token_logps.new_zeros(prompt_rows.shape[0], token_width + width)
+            result.token_logps = full.scatter_(1, prompt_lengths[:, None] + offsets, result.token_logps[:, 1:])[
+                :, :token_width
+            ]
+        return result
 
     return run_grouped(part.attention_mask.sum(1), bucketed, run)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..config import KTOConfig
 from ..data import KTOCollator
 from ..integrations._eval_predictions import install_eval_predictions
 from ..integrations._generation import KTOGenerationCallback
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
     from ..plugin import KTOPlugin
 
 logger = logging.getLogger("kto_plugin")
+# the KTO family's options, named in the attach summary when not at their defaults (docs/losses.md)
+FAMILY_OPTIONS = ("length_normalize", "reference_point", "reference_point_ema_decay", "sft_weight",
+                  "humanline_min_log_ratio", "humanline_max_log_ratio")
 
 
 def bind_model(plugin: KTOPlugin, trainer: Trainer, policy: torch.nn.Module) -> LogpsPath:
@@ -129,16 +133,24 @@ def install(plugin: KTOPlugin, trainer: Trainer, policy_path: LogpsPath) -> None
         if isinstance(trainer.data_collator, KTOCollator):
             logger.info("kto_plugin: the Trainer's KTOCollator is not this plugin's; using kto.collator")
         ledger.setattr(trainer, "data_collator", plugin.collator)
-    plugin.metrics_callback = KTOMetricsCallback(plugin.metrics, trainer)
+    plugin.metrics_callback = KTOMetricsCallback(plugin.metrics, trainer, hook.evaluation_metrics)
     ledger.add_callback(trainer, plugin.metrics_callback, index=0)  # before the reporters
     if config.generate_during_eval:
         generation = KTOGenerationCallback(
             trainer, plugin.reference, plugin.tokenizer, config.generate_num_prompts, config.generate_max_new_tokens
         )
         ledger.add_callback(trainer, generation, index=1)
-    # last: its on_log stores the accumulator after the metrics callback has taken the interval's values
+    if config.sync_ref_model:
+        sync = ReferenceSyncCallback(
+            trainer, plugin.reference, config.ref_model_mixup_alpha, config.ref_model_sync_steps
+        )
+        ledger.add_callback(trainer, sync)  # after the optimizer step, as TRL's
+    # last: its on_log stores the accumulator after the metrics callback has taken the interval's values, and its
+    # on_step_end saves the synced reference after the sync callback's update
     resume = ResumeCallback(plugin)
     ledger.add_callback(trainer, resume)
+    # resolves resume_from_checkpoint to a complete checkpoint, and tells the callback which one it is
+    ledger.wrap(trainer, "train", RecordCheckpointTrain, trainer, resume)
     if config.on_nonfinite == "skip":
         ledger.add_callback(trainer, NonFiniteSkipCallback(plugin.nonfinite), index=0)
     if config.kl_estimate == "window" and plugin.needs_kl:
@@ -146,19 +158,12 @@ def install(plugin: KTOPlugin, trainer: Trainer, policy_path: LogpsPath) -> None
     if config.activation_offloading:
         plugin.activation_offloader = ActivationOffloader()
         ledger.wrap(trainer, "training_step", OffloadingTrainingStep, trainer, plugin.activation_offloader)
-    if config.sync_ref_model:
-        sync = ReferenceSyncCallback(
-            trainer, plugin.reference, config.ref_model_mixup_alpha, config.ref_model_sync_steps
-        )
-        ledger.add_callback(trainer, sync)  # after the optimizer step, as TRL's
-        # only the synced reference needs to know the checkpoint a resumed run starts from
-        ledger.wrap(trainer, "train", RecordCheckpointTrain, trainer, resume)
     install_liger(plugin, trainer)
     install_eval_predictions(plugin, trainer)
     install_model_init(plugin, trainer)
     if config.precompute_ref_log_probs:
         plugin.precompute_attached_datasets(trainer)
-    counts = label_counts(trainer, plugin.data_reports)
+    counts = label_counts(trainer)
     log_summary(plugin, policy_path, counts)
     if config.warn_guidance:
         is_adapter = AdapterHost.of(trainer.accelerator.unwrap_model(trainer.model)) is not None
@@ -172,11 +177,14 @@ def log_summary(plugin: KTOPlugin, policy_path: Any, counts: tuple[int, int] | N
         f"{c.undesirable_weight})" if counts is not None else "label counts unknown"
     )
     third_party = [(n, src) for n, src in plugin.plugins.describe() if src != "built-in"]
+    family = [f"{name}={getattr(c, name)!r}" for name in FAMILY_OPTIONS
+              if getattr(c, name) != KTOConfig.__dataclass_fields__[name].default]
     passes = plugin.loss_hook.passes
     logger.info(
-        "kto_plugin: attached: loss=%s beta=%s | reference: %s | KL pass: %s | %s | log-probs from %s%s | "
+        "kto_plugin: attached: loss=%s%s beta=%s | reference: %s | KL pass: %s | %s | log-probs from %s%s | "
         "prompts computed once: policy %s, reference %s | %d third-party plugin(s)%s",
         c.loss_type,
+        f" ({', '.join(family)})" if family else "",
         c.beta,
         plugin.reference.describe(),
         "on" if plugin.needs_kl else "off",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from transformers import TrainerCallback
@@ -26,10 +27,21 @@ class KTOMetricsCallback(TrainerCallback):
     from the trainer's model mode, as TRL reads it.
     """
 
-    def __init__(self, accumulator: MetricsAccumulator, trainer: Any) -> None:
+    def __init__(
+        self, accumulator: MetricsAccumulator, trainer: Any,
+        evaluation: Callable[[], dict[str, float]] | None = None,
+    ) -> None:
         self.accumulator = accumulator
         self.trainer = trainer
+        # the metrics over a whole evaluation (`kto_evaluation_metrics`), called on every process when it is logged
+        self.evaluation = evaluation
         self.injected_keys: set[str] = set()  # every key added so far (a search objective leaves them out)
+
+    def _evaluation_metrics(self) -> dict[str, float]:
+        extra = self.accumulator.pop("eval")
+        if self.evaluation is not None:
+            extra.update(self.evaluation())
+        return extra
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any):
         if logs is None:
@@ -38,7 +50,7 @@ class KTOMetricsCallback(TrainerCallback):
             extra = self.accumulator.pop("train")
         else:
             prefix = _eval_prefix(logs)
-            extra = {prefix + k: v for k, v in self.accumulator.pop("eval").items()}
+            extra = {prefix + k: v for k, v in self._evaluation_metrics().items()}
         if not extra:
             return
         logs.update(extra)
@@ -51,7 +63,7 @@ class KTOMetricsCallback(TrainerCallback):
     ):
         # `Trainer.predict` logs nothing, so `on_log` never takes these: without this, they would be averaged
         # into the next evaluation's metrics. `metrics` is the dict `predict()` returns.
-        extra = {_eval_prefix(metrics or {}) + k: v for k, v in self.accumulator.pop("eval").items()}
+        extra = {_eval_prefix(metrics or {}) + k: v for k, v in self._evaluation_metrics().items()}
         if metrics is not None:
             metrics.update(extra)
             self.injected_keys.update(extra)

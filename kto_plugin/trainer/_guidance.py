@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import datasets
+import pyarrow.compute as pc
+
 from ..data._report import BALANCE_RANGE, Advice, balance_advice  # noqa: F401  (the data's own advice)
 
 logger = logging.getLogger("kto_plugin")
@@ -62,15 +65,21 @@ def settings_advice(
     return out
 
 
-def label_counts(trainer: Any, reports: dict[str, Any]) -> tuple[int, int] | None:
-    """(desirable, undesirable) rows of the training data, from the preparation report or the dataset."""
-    report = reports.get("train")
-    if report is not None:
-        return report.n_desirable, report.n_undesirable
+def label_counts(trainer: Any) -> tuple[int, int] | None:
+    """(desirable, undesirable) rows of the Trainer's own train dataset, the data it trains on (not whichever
+    preparation report is called "train": an eval set prepared under that name would be counted instead). None
+    for a stream (counted only as it is read) and for a dataset without a `label` column."""
     dataset = getattr(trainer, "train_dataset", None)
+    if isinstance(dataset, datasets.IterableDataset):
+        return None
+    if isinstance(dataset, datasets.Dataset):
+        if "label" not in dataset.column_names:
+            return None
+        desirable = int(pc.sum(dataset.with_format("arrow")["label"]).as_py() or 0)  # one bool column, no rows read
+        return desirable, len(dataset) - desirable
     try:
         labels = dataset["label"]
-    except (TypeError, KeyError, AttributeError):
+    except (TypeError, KeyError, AttributeError, IndexError):
         return None
     desirable = sum(1 for x in labels if x)
     return desirable, len(labels) - desirable

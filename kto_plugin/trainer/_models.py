@@ -3,7 +3,8 @@ strings (`ref_model="..."` with `ref_model_init_kwargs`) or as a `peft_config`.
 
 * `load_pretrained(name, init_kwargs)`: `AutoModelForSeq2SeqLM` for an encoder-decoder config, else
   `AutoModelForCausalLM`, with dtype strings (``"bfloat16"``) turned into torch dtypes and ``torch_dtype``
-  accepted as the older spelling of ``dtype``.
+  accepted as the older spelling of ``dtype``; a folder holding a PEFT adapter alone loads its base model with
+  the adapter (`load_adapter_folder`).
 * `wrap_with_peft(model, peft_config)`: `peft.get_peft_model`, refusing a model that already has adapters;
   `wrap_trainer_model` does it to the model a Trainer already holds.
 * `check_architecture`: encoder-decoder or decoder-only (`config.is_encoder_decoder`), policy and reference alike.
@@ -76,6 +77,8 @@ def load_pretrained(
 
     kwargs = normalized_init_kwargs(init_kwargs, default_dtype)
     kwargs.setdefault("trust_remote_code", trust_remote_code)
+    if is_adapter_folder(name):
+        return load_adapter_folder(name, kwargs, trainable=argument != "ref_model")
     try:
         config = AutoConfig.from_pretrained(
             name, trust_remote_code=kwargs["trust_remote_code"], revision=kwargs.get("revision")
@@ -87,6 +90,30 @@ def load_pretrained(
         ) from err
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     return auto.from_pretrained(name, **kwargs)
+
+
+def is_adapter_folder(name: str | os.PathLike) -> bool:
+    """A local folder holding a PEFT adapter alone (`PeftModel.save_pretrained`: ``adapter_config.json``)."""
+    return os.path.isfile(os.path.join(os.fspath(name), "adapter_config.json"))
+
+
+def load_adapter_folder(path: str | os.PathLike, kwargs: dict[str, Any], trainable: bool) -> torch.nn.Module:
+    """The base model the adapter names (``base_model_name_or_path``), loaded with `kwargs`, with the adapter.
+
+    The policy (`trainable`) is a `PeftModel` whose adapter trains further; a reference gets the adapter
+    merged into the weights (a plain frozen model, as a reference needs no adapter switching).
+    """
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM, PeftConfig
+    from transformers import AutoConfig
+
+    peft_config = PeftConfig.from_pretrained(os.fspath(path))
+    base = AutoConfig.from_pretrained(
+        peft_config.base_model_name_or_path, trust_remote_code=kwargs["trust_remote_code"]
+    )
+    seq2seq = getattr(base, "is_encoder_decoder", False)
+    auto = AutoPeftModelForSeq2SeqLM if seq2seq else AutoPeftModelForCausalLM
+    model = auto.from_pretrained(os.fspath(path), is_trainable=trainable, **kwargs)
+    return model if trainable else model.merge_and_unload()
 
 
 def wrap_with_peft(model: torch.nn.Module, peft_config: Any) -> torch.nn.Module:

@@ -7,16 +7,21 @@ only the plugin knows is kept under ``TrainerState.stateful_callbacks["kto_plugi
 
 * the metrics accumulator (sums and counts since the last log) and the running ``num_tokens`` count, so a log
   whose interval spans the checkpoint averages the same micro-batches as an uninterrupted run;
+* every plugin's `kto_state_dict` (BCO's running mean, the EMA of z0), under ``"plugins"``, restored through
+  `kto_load_state_dict` before the first resumed step (and reset, with None, when a run starts afresh);
 * what identifies the reference: a sampled fingerprint of a separate or frozen-copy reference model, and a
   hash of the train dataset's precomputed ``ref_logps``. A reference must be the *initial* policy: a resumed
   run whose model was loaded from the checkpoint would take its frozen copy (or its precomputed log-probs)
   from trained weights. That is refused in `on_train_begin`, before any step.
 
-With ``sync_ref_model=True`` the reference is no longer the initial policy after a sync: `on_save` writes its
-weights into the checkpoint folder (``kto_ref_model.safetensors``, `kto_plugin.reference._sync`) and the
-resumed run loads them in `on_train_begin`, after the identity check. The Trainer tells callbacks neither the
-checkpoint it resumes from nor where the loaded state came from, so with ``sync_ref_model=True`` `attach`
-wraps ``trainer.train`` on the instance (`RecordCheckpointTrain`) to record it.
+With ``sync_ref_model=True`` the reference is no longer the initial policy after a sync: its weights go into the
+checkpoint folder (``kto_ref_model.safetensors``, `kto_plugin.reference._sync`) and the resumed run loads them in
+`on_train_begin`, after the identity check. They are written when the Trainer has decided to save and before it
+writes its own files (`on_step_end` / `on_epoch_end`), so the Trainer's ``trainer_state.json``, written last, marks
+a complete checkpoint (`kto_plugin.trainer._checkpoints`); a save decided later (``save_strategy="best"``) gets the
+file in `on_save`, after the Trainer's. The Trainer tells callbacks neither the checkpoint it resumes from nor
+where the loaded state came from, so `attach` wraps ``trainer.train`` on the instance (`RecordCheckpointTrain`):
+it resolves ``resume_from_checkpoint`` to a complete checkpoint and records it.
 
 Why not `transformers.ExportableState`: the Trainer restores those only with
 ``restore_callback_states_from_checkpoint=True``, by constructing the callback class anew from JSON, while the
@@ -40,6 +45,7 @@ from transformers import TrainerCallback
 from ..reference._fingerprint import column_hash, module_fingerprint, tensors_fingerprint
 from ..reference._sharding import shards_parameters
 from ..reference._sync import REFERENCE_WEIGHTS_NAME, load_reference, read_reference, save_reference
+from ._checkpoints import resolve_resume
 
 logger = logging.getLogger("kto_plugin")
 
@@ -62,6 +68,7 @@ class ResumeCallback(TrainerCallback):
         self.plugin = plugin
         self._identity: dict[str, str | None] | None = None
         self.checkpoint: str | None = None  # the checkpoint train() resumes from, set by `RecordCheckpointTrain`
+        self._reference_saved_at: int | None = None  # the step whose checkpoint has the synced reference
 
     # --- what identifies the reference ---
 
@@ -101,6 +108,7 @@ class ResumeCallback(TrainerCallback):
             "format": STATE_FORMAT,
             "metrics": copy.deepcopy(plugin.metrics.state_dict()),
             "total_train_tokens": plugin.metrics.total_train_tokens,
+            "plugins": plugin.plugins.state_dict(),
             "sync_ref_model": bool(plugin.config.sync_ref_model),
             **self.reference_identity(),
         }
@@ -111,6 +119,7 @@ class ResumeCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._export(state)
+        self._save_reference_before_checkpoint(args, state, control)
 
     def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._export(state)
@@ -120,20 +129,36 @@ class ResumeCallback(TrainerCallback):
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._export(state)
+        self._save_reference_before_checkpoint(args, state, control)
+
+    def _save_reference_before_checkpoint(self, args: Any, state: Any, control: Any) -> None:
+        """The Trainer is about to write checkpoint-N (the flow callback decided it, after the sync callback mixed
+        this step's update): with sync_ref_model, write the synced reference into that folder first."""
+        if control.should_save and not state.is_hyper_param_search:
+            self._save_reference(args, state, create=True)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """A save decided after `on_step_end` (``save_strategy="best"``, a callback of the user's) or in another
+        folder: the synced reference goes in now, after the Trainer's files."""
+        if self._reference_saved_at != state.global_step:
+            self._save_reference(args, state, create=False)
+
+    def _save_reference(self, args: Any, state: Any, create: bool) -> None:
         """With sync_ref_model, the reference is no longer the initial policy: its weights go into the checkpoint
-        (``kto_ref_model.safetensors``, written by the main process next to the Trainer's files)."""
+        (``kto_ref_model.safetensors``, written atomically by the main process)."""
         plugin = self.plugin
         if not plugin.config.sync_ref_model or plugin.trainer is None or not args.should_save:
             return
         directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if not os.path.isdir(directory):
+        if create:
+            os.makedirs(directory, exist_ok=True)
+        elif not os.path.isdir(directory):
             # the Trainer saves elsewhere (a hyperparameter-search trial's run-N folder): resuming from that
             # checkpoint is refused for want of this file rather than silently using the initial reference
             logger.warning("kto_plugin: no checkpoint folder %s; the synced reference was not saved", directory)
             return
         path = save_reference(plugin.trainer, plugin.reference, directory)
+        self._reference_saved_at = state.global_step
         logger.debug("kto_plugin: synced reference saved to %s", path)
 
     # --- restore ---
@@ -145,6 +170,7 @@ class ResumeCallback(TrainerCallback):
         callbacks = state.stateful_callbacks
         saved = callbacks.get(STATE_KEY) if isinstance(callbacks, dict) else None
         if not saved or state.global_step == 0:
+            self.plugin.plugins.load_state_dict(None)  # a run from the start: no state of an earlier run
             return
         if saved.get("format") != STATE_FORMAT:
             raise ValueError(
@@ -167,14 +193,16 @@ class ResumeCallback(TrainerCallback):
         plugin = self.plugin
         plugin.metrics.load_state_dict(copy.deepcopy(saved["metrics"]))
         plugin.metrics.total_train_tokens = saved["total_train_tokens"]
+        plugin.plugins.load_state_dict(saved.get("plugins"))
         logger.info(
             "kto_plugin: resumed at step %d with the checkpoint's metrics and token count", state.global_step
         )
 
     def _synced_reference(self, step: int) -> tuple[str, dict[str, torch.Tensor]] | None:
         """(path, tensors) of the checkpoint's synced reference, None without sync_ref_model; refuses a resume
-        that cannot be exact. The checkpoint folder is known only with sync_ref_model (`RecordCheckpointTrain`);
-        a run without it is refused from the saved state instead (see `on_train_begin`)."""
+        that cannot be exact. The checkpoint folder is known when `train` was called on the attached trainer
+        (`RecordCheckpointTrain`); a run without sync_ref_model is refused from the saved state as well (see
+        `on_train_begin`)."""
         config = self.plugin.config
         checkpoint = self.checkpoint
         path = None if checkpoint is None else os.path.join(checkpoint, REFERENCE_WEIGHTS_NAME)
@@ -240,10 +268,11 @@ class ResumeCallback(TrainerCallback):
 
 
 class RecordCheckpointTrain:
-    """Wraps a trainer's `train` (an instance attribute, undone by `detach`; only with ``sync_ref_model=True``) to
-    tell `ResumeCallback` which checkpoint the run resumes from, so it can load the synced reference saved there:
-    the Trainer passes neither the path nor the loaded state's origin to callbacks. ``resume_from_checkpoint=True``
-    is resolved as the Trainer resolves it (the last ``checkpoint-N`` folder in ``args.output_dir``)."""
+    """Wraps a trainer's `train` (an instance attribute, undone by `detach`) to resolve ``resume_from_checkpoint``
+    to a complete checkpoint (`resolve_resume`: ``True`` is the last complete ``checkpoint-N`` in
+    ``args.output_dir``, passing over folders whose save was cut short; an incomplete folder is refused) and to tell
+    `ResumeCallback` which checkpoint the run resumes from, so it can load the synced reference saved there: the
+    Trainer passes neither the path nor the loaded state's origin to callbacks."""
 
     PARAMETERS = ("resume_from_checkpoint",)  # Trainer.train's first parameter (checked at attach)
 
@@ -253,13 +282,10 @@ class RecordCheckpointTrain:
         self.callback = callback
 
     def __call__(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
-        from transformers.trainer_utils import get_last_checkpoint
-
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.trainer.args.output_dir)
         checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.trainer.args.output_dir)  # None: the Trainer raises
-        elif checkpoint is False:
-            checkpoint = None
+        if isinstance(checkpoint, bool):
+            checkpoint = None  # False, or True with no checkpoint at all: the Trainer raises
         self.callback.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         try:
             return self.original(resume_from_checkpoint, *args, **kwargs)

@@ -124,14 +124,6 @@ def test_config_flag_is_in_help_and_accepts_the_equals_form(tmp_path, capsys):
     assert {"beta", "lora_target_modules"} <= given
 
 
-@pytest.fixture
-def model_dir(tmp_path, base_model, tokenizer):
-    path = tmp_path / "model"
-    base_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def test_test_split_of_a_directory_is_evaluated_and_a_missing_one_refused(tmp_path, model_dir, rows):
     import datasets
 
@@ -266,3 +258,36 @@ def test_run_yaml_of_the_embedded_default_keeps_the_demo_settings(tmp_path):
     assert data_args.demo_pairs == 12 and kto_config.max_length == 96
     assert training_args.learning_rate == saved["learning_rate"] == 2e-4  # the demo's rate, not the flag default
     assert training_args.eval_strategy == saved["eval_strategy"] == "steps"
+
+
+FAMILY_RUNS = {
+    "bco_length_normalized": (["--loss_type", "bco", "--length_normalize", "true"], "bco/delta"),
+    "humanline": (["--loss_type", "humanline", "--humanline_max_log_ratio", "2.0"], "kl"),
+    "sft_ema": (["--sft_weight", "0.1", "--reference_point", "ema", "--reference_point_ema_decay", "0.5"], "sft_loss"),
+    "positive_mean": (["--reference_point", "positive_mean"], "kl"),
+}
+
+
+@pytest.mark.parametrize("run", list(FAMILY_RUNS))
+def test_train_accepts_each_family_variant_by_name(run, tmp_path):
+    flags, metric = FAMILY_RUNS[run]
+    out = tmp_path / "run"
+    code = main(["train", "--demo_pairs", "12", "--eval_strategy", "no", "--output_dir", str(out), *FAST[:1], "2",
+                 *FAST[2:], *flags])
+    assert code == 0
+    saved = json.loads((out / "kto_config.json").read_text())
+    for name, value in zip(flags[::2], flags[1::2]):
+        assert str(saved[name.removeprefix("--")]).lower() == value.lower()
+    steps = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    assert len(steps) == 2 and all(math.isfinite(h[metric]) and "rewards/accuracy" in h for h in steps)
+
+
+def test_family_flags_are_in_help_and_checked(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--length_normalize", "--reference_point", "--reference_point_ema_decay", "--sft_weight",
+                 "--humanline_min_log_ratio", "bco", "humanline"):
+        assert flag in text
+    assert main(["train", "--reference_point", "median"]) == 2  # a usage error: one line, exit status 2
+    assert "invalid choice: 'median'" in capsys.readouterr().err

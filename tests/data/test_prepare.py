@@ -188,11 +188,12 @@ def test_dataset_dict_list_and_dict_of_columns(rows, tokenizer):
     kto = KTOPlugin(KTOConfig(max_length=512), tokenizer=tokenizer)
     dd = kto.prepare_dataset(DatasetDict(train=Dataset.from_list(rows[:10]), test=Dataset.from_list(rows[10:14])))
     assert set(dd) == {"train", "test"} and len(dd["test"]) == kto.data_reports["test"].rows_out
-    assert kto.prepare_dataset(rows[:6])["prompt_ids"] == dd["train"]["prompt_ids"][:6]
+    assert kto.prepare_dataset(rows[:6], name="list")["prompt_ids"] == dd["train"]["prompt_ids"][:6]
     columns = {k: [r[k] for r in rows[:6]] for k in ("prompt", "completion", "label")}
-    assert kto.prepare_dataset(columns)["completion_ids"] == dd["train"]["completion_ids"][:6]
+    assert kto.prepare_dataset(columns, name="columns")["completion_ids"] == dd["train"]["completion_ids"][:6]
     from datasets import IterableDatasetDict
 
+    kto = KTOPlugin(KTOConfig(max_length=512), tokenizer=tokenizer)  # the splits' names again: a new plugin
     streams = kto.prepare_dataset(IterableDatasetDict(
         train=Dataset.from_list(rows[:10]).to_iterable_dataset(), test=Dataset.from_list(rows[10:14]).to_iterable_dataset()))
     assert isinstance(streams, IterableDatasetDict) and set(streams) == {"train", "test"}
@@ -258,7 +259,7 @@ def test_truncation_coherent_with_the_collator(rows, tokenizer):
 @pytest.mark.parametrize(
     "columns,match",
     [
-        (("prompt", "completions", "label"), r"no 'completion' column.*Did you mean 'completions'.*rename_column"),
+        (("prompt", "completions", "label"), r"no 'completion' column.*Did you mean 'completions'.*Rename it"),
         (("prompt", "completion"), r"no 'label' column"),
         (("prompt", "chosen", "rejcted"), r"no 'rejected' column.*Did you mean 'rejcted'"),
         (("prompt", "chosen_response", "rejected_response"), r"no 'chosen' column.*Did you mean 'chosen_response'"),
@@ -279,7 +280,7 @@ def test_missing_column_suggests_the_closest(tokenizer, columns, match):
         ({"label": "yes"}, r"train dataset, row 2: 'label' is 'yes' \(str\); it must be a bool.*Convert"),
         ({"label": 1.0}, r"row 2: 'label' is 1.0 \(float\)"),
         ({"label": [True, False]}, r"row 2: 'label' is \[True, False\].*holds 2 values.*dict of lists"),
-        ({"completion": ""}, r"row 2: 'completion' is ''.*filter"),
+        ({"completion": ""}, r"row 2: 'completion' is ''.*Filter"),
         ({"prompt": None}, r"row 2: 'prompt' is None"),
         ({"completion": [{"role": "assistant", "content": "x"}]}, r"row 2: 'completion' is conversational but row 0"),
     ],
@@ -548,3 +549,17 @@ def test_a_list_that_is_not_messages_names_its_row(tokenizer, rows):
     every = Dataset.from_list([{**r, "completion": [r["completion"]]} for r in rows[:4]])  # Arrow accepts these
     with pytest.raises(ValueError, match=r"row 0: 'completion' is a list of str, not a string or a list of "):
         kto.prepare_dataset(every)
+
+
+def test_preparation_logs_one_line_with_counts_and_time(tokenizer, rows, caplog):
+    kto = KTOPlugin(KTOConfig(max_length=1024), tokenizer=tokenizer)
+    with caplog.at_level(logging.INFO, logger="kto_plugin"):
+        kto.prepare_dataset(rows[:20])
+        kto.prepare_dataset(IterableDataset.from_generator(lambda: iter(rows[:4])), name="stream")
+    lines = [r.getMessage() for r in caplog.records if "prepared" in r.getMessage()]
+    assert len(lines) == 2
+    assert re.fullmatch(r"kto_plugin: prepared train \(unpaired\): 20 rows from 20 input rows; 10 desirable / "
+                        r"10 undesirable; prepared in \d+\.\d s", lines[0]), lines[0]
+    assert kto.data_reports["train"].seconds > 0
+    # a stream is prepared as it is read: no time, and the counts are those read so far
+    assert "streaming: counts so far" in lines[1] and "prepared in" not in lines[1]

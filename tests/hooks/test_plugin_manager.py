@@ -12,8 +12,14 @@ import torch.nn.functional as F
 
 from kto_plugin import KTOConfig, KTOPlugin, KTOPluginManager, PluginError, PluginValidationError, hookimpl
 from kto_plugin import loss as kto_loss_fns
+from kto_plugin.step._metrics import FAMILY_NAMES
 
 BETA = 0.1
+# the built-in plugins (the KTO family), in the order they are called: after every other plugin
+BUILTINS = [
+    "builtin:reward_metrics", "builtin:sft_term", "builtin:ema", "builtin:positive_mean", "builtin:humanline",
+    "builtin:bco", "builtin:apo_zero_unpaired", "builtin:kto",
+]
 
 
 # --- plugins used below ---
@@ -90,6 +96,11 @@ def manager(*plugins, **kw):
     return KTOPluginManager(list(plugins), autoload=kw.pop("autoload", False), **kw)
 
 
+def plugin_metrics(pm):
+    """`pm.metrics` without the built-in family's own metrics (the reward accuracy every run logs)."""
+    return {k: v for k, v in pm.metrics(**metric_kwargs()).items() if k not in FAMILY_NAMES}
+
+
 # --- order and fall-through ---
 
 
@@ -99,12 +110,7 @@ def test_passed_plugins_are_called_in_list_order_before_the_builtins():
     assert pm.loss(**hook_kwargs()).tolist() == [1.0] * 4
     assert pm.loss(**hook_kwargs("apo_zero_unpaired")).tolist() == [1.0] * 4  # Constant ignores loss_type
     names = [name for name, _ in pm.describe()]
-    assert names == [
-        "test_plugin_manager.Constant",
-        "test_plugin_manager.Constant#2",
-        "builtin:apo_zero_unpaired",
-        "builtin:kto",
-    ]
+    assert names == ["test_plugin_manager.Constant", "test_plugin_manager.Constant#2", *BUILTINS]
     assert manager(second, first).loss(**hook_kwargs()).tolist() == [2.0] * 4
 
 
@@ -139,8 +145,8 @@ def test_firstresult_falls_through_on_none_to_the_builtin():
         )
         is None
     )
-    assert pm.metrics(**metric_kwargs()) == {}
-    assert pm.loss_types(KTOConfig()) == {"kto": True, "apo_zero_unpaired": False}
+    assert plugin_metrics(pm) == {}
+    assert pm.loss_types(KTOConfig()) == {"kto": True, "apo_zero_unpaired": False, "bco": False, "humanline": True}
 
 
 def test_a_declared_loss_type_that_no_plugin_computes_is_an_error():
@@ -198,15 +204,15 @@ def test_entry_points_load_unless_the_variable_disables_them(install_fake, monke
         assert dict(KTOPluginManager().describe())["fake"] == "entry point 'fake' of fake-kto-plugin 1.0"
     monkeypatch.delenv("KTO_PLUGIN_DISABLE_AUTOLOAD")
     pm = KTOPluginManager()
-    assert pm.metrics(**metric_kwargs()) == {"ep/loaded": 1.0}
-    assert KTOPluginManager(autoload=False).metrics(**metric_kwargs()) == {}  # the argument overrides
+    assert plugin_metrics(pm) == {"ep/loaded": 1.0}
+    assert plugin_metrics(KTOPluginManager(autoload=False)) == {}  # the argument overrides
 
 
 def test_entry_point_plugins_come_after_passed_plugins_and_before_builtins(install_fake, monkeypatch):
     install_fake("fake-kto-plugin", "fake_kto_plugin_mod", "fake")
     monkeypatch.delenv("KTO_PLUGIN_DISABLE_AUTOLOAD")
     names = [name for name, _ in KTOPluginManager([Passes()]).describe()]
-    assert names == ["test_plugin_manager.Passes", "fake", "builtin:apo_zero_unpaired", "builtin:kto"]
+    assert names == ["test_plugin_manager.Passes", "fake", *BUILTINS]
 
 
 def test_each_entry_point_is_loaded_once(install_fake, monkeypatch, caplog):
@@ -219,7 +225,7 @@ def test_each_entry_point_is_loaded_once(install_fake, monkeypatch, caplog):
         pm = KTOPluginManager()
     assert "skipping entry point 'fake'" in caplog.text and "is already loaded" in caplog.text
     assert [name for name, _ in pm.describe()].count("fake") == 1
-    metrics = pm.metrics(**metric_kwargs())
+    metrics = plugin_metrics(pm)
     assert len(metrics) == 1  # one of the two distributions, once
     module = sys.modules["other_kto_plugin_mod" if "ep/other" in metrics else "fake_kto_plugin_mod"]
     assert module.CALLS == [1]
@@ -242,7 +248,7 @@ def test_an_installed_plugin_passed_again_is_registered_once(install_fake, monke
     import fake_kto_plugin_mod
 
     pm = KTOPluginManager([fake_kto_plugin_mod])
-    assert pm.metrics(**metric_kwargs()) == {"ep/loaded": 1.0}
+    assert plugin_metrics(pm) == {"ep/loaded": 1.0}
     assert fake_kto_plugin_mod.CALLS == [1]
     assert [name for name, _ in pm.describe()].count("fake") == 1
 
@@ -282,7 +288,7 @@ def test_a_misspelled_hook_fails_with_the_list_of_hooks(tokenizer):
     pm = manager()
     with pytest.raises(PluginValidationError, match="kto_los"):
         pm.register(Misspelled())
-    assert len(pm.describe()) == 2  # not left half-registered
+    assert len(pm.describe()) == len(BUILTINS)  # not left half-registered
     pm.check()
 
 
@@ -412,7 +418,7 @@ def test_metric_names_must_not_change_between_calls():
     pm = manager(
         _plugin("kto_metrics", lambda kw: calls.append(1) or ({"a": 1.0} if len(calls) == 1 else {"b": 1.0}))
     )
-    assert pm.metrics(**metric_kwargs()) == {"a": 1.0}
+    assert plugin_metrics(pm) == {"a": 1.0}
     with pytest.raises(
         PluginError, match=r"'test_plugin_manager.Bad': kto_metrics returned the names \['b'\] after \['a'\]"
     ):
@@ -423,6 +429,6 @@ def test_unknown_loss_type_lists_plugin_provided_ones(tokenizer):
     with pytest.raises(
         ValueError,
         match=r"Unknown KTOConfig.loss_type 'lgosig'. Available: "
-        r"\['apo_zero_unpaired', 'kto', 'logsig'\]",
+        r"\['apo_zero_unpaired', 'bco', 'humanline', 'kto', 'logsig'\]",
     ):
         KTOPlugin(KTOConfig(loss_type="lgosig"), tokenizer=tokenizer, plugins=[LogSigmoid()])

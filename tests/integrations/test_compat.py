@@ -183,10 +183,13 @@ class BetaSeen:
 @pytest.mark.skipif(
     importlib.util.find_spec("optuna") is None, reason="optuna is in the dev extra; this environment lacks it"
 )
-def test_hyperparameter_search_with_optuna(tokenizer, rows, tmp_path):
+@pytest.mark.parametrize("takes_trial", [True, False], ids=["model_init(trial)", "model_init()"])
+def test_hyperparameter_search_with_optuna(takes_trial, tokenizer, rows, tmp_path):
+    """The trial's beta reaches the loss whether or not model_init takes the trial (the Trainer passes the trial
+    only to a model_init of one argument)."""
     import optuna
 
-    factory = ModelFactory(len(tokenizer), takes_trial=True)
+    factory = ModelFactory(len(tokenizer), takes_trial=takes_trial)
     seen_beta = BetaSeen()
     kto, trainer = _model_init_trainer(
         tokenizer, rows, tmp_path, factory, eval_rows=rows[:16], plugins=[seen_beta]
@@ -209,8 +212,10 @@ def test_hyperparameter_search_with_optuna(tokenizer, rows, tmp_path):
         sampler=optuna.samplers.RandomSampler(seed=3),
     )
     assert len(evaluations.seen) == 3
-    assert factory.trials[0] is None  # Trainer.__init__ builds a first model without a trial
-    assert len(factory.trials) == 4 and all(t is not None for t in factory.trials[1:])  # then one per trial
+    assert len(factory.made) == 4  # Trainer.__init__ builds a first model, then one per trial
+    if takes_trial:
+        assert factory.trials[0] is None  # the first one without a trial
+        assert len(factory.trials) == 4 and all(t is not None for t in factory.trials[1:])
     # the objective is each trial's eval_loss, and the best run is the lowest one, with its beta
     losses = [loss for _, loss, _ in evaluations.seen]
     assert best.objective == pytest.approx(min(losses))

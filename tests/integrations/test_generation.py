@@ -18,11 +18,9 @@ from kto_plugin.integrations._generation import (
     GENERATIONS_FILE,
     KTOGenerationCallback,
     distinct_prompts,
-    generation_table,
     greedy_completions,
-    log_to_wandb,
-    table_key,
 )
+from kto_plugin.integrations._trackers import generation_table, log_to_wandb, table_key
 
 
 def _read(path):
@@ -220,3 +218,22 @@ def test_refused_under_fsdp(model, tokenizer, rows, tmp_path):
 def test_config_validation(field):
     with pytest.raises(ValueError, match=f"KTOConfig.{field} must be a positive integer"):
         KTOConfig(**{field: 0})
+
+
+def test_each_evaluation_logs_one_line_with_counts_time_and_destinations(model, tokenizer, rows, tmp_path, caplog):
+    import logging
+    import re
+
+    kto, trainer = kto_trainer(
+        model, tokenizer, rows, tmp_path, eval_rows=_short_prompt_rows(rows, tokenizer),
+        kto_kwargs={"generate_during_eval": True, "generate_num_prompts": 2, "generate_max_new_tokens": 3},
+    )
+    kto.attach(trainer)
+    with caplog.at_level(logging.INFO, logger="kto_plugin"):
+        trainer.evaluate()
+    lines = [r.getMessage() for r in caplog.records if "generations at step" in r.getMessage()]
+    path = re.escape(str(tmp_path / GENERATIONS_FILE))
+    assert len(lines) == 1
+    # report_to="none": the JSONL file only, no tracker named
+    assert re.fullmatch(r"kto_plugin: eval generations at step 0: 2 prompts x \(policy, reference\), up to 3 new "
+                        rf"tokens, in \d+\.\d s; appended to {path}", lines[0]), lines[0]

@@ -377,3 +377,57 @@ def test_reattach_after_the_given_ref_model_was_released_is_refused(model, token
     with pytest.raises(ValueError, match=r"ref_model given to KTOPlugin was released"):
         kto.attach(trainer)
     assert kto.trainer is None and vars(trainer).keys() == before.keys()
+
+
+# --- progress the user sees ---
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_pass_progress_estimates_the_pass_then_the_time_left():
+    from kto_plugin.reference._precompute import PassProgress
+
+    clock, lines = _Clock(), []
+    progress = PassProgress("reference log-probs for train", total=10, rows=80, every_s=30.0, clock=clock,
+                            log=lambda fmt, *a: lines.append(fmt % a))
+    clock.now += 2.0
+    progress.step(1)  # 2 s for one batch of 10: about 20 s for the pass
+    assert lines == ["kto_plugin: reference log-probs for train: 80 rows in 10 batches; the first took 2.0 s, "
+                     "so the pass takes about 20 s"]
+    clock.now += 8.0
+    progress.step(2)  # 8 s after the last line: nothing (every 30 s)
+    clock.now += 30.0
+    progress.step(5)  # 40 s for 5 batches: 8 s each, 5 left -> 40 s
+    assert lines[1:] == ["kto_plugin: reference log-probs for train: 5/10 batches (50%) in 40 s, about 40 s left"]
+    clock.now += 600.0
+    progress.step(10)  # the last batch: the caller's own line says how long the pass took
+    assert len(lines) == 2
+
+
+def test_pass_progress_is_silent_on_other_processes_and_for_one_batch():
+    from kto_plugin.data._report import duration
+    from kto_plugin.reference._precompute import PassProgress
+
+    lines = []
+    PassProgress("x", total=10, rows=80, log=None).step(1)
+    PassProgress("x", total=1, rows=8, log=lambda *a: lines.append(a)).step(1)
+    assert lines == []
+    assert [duration(s) for s in (4.25, 42, 210, 7200)] == ["4.2 s", "42 s", "3.5 min", "2.0 h"]
+
+
+def test_precompute_logs_an_estimate_and_the_time_it_took(model, tokenizer, rows, tmp_path, cache_dir, caplog):
+    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, kto_kwargs=_precompute(cache_dir))
+    with caplog.at_level(logging.INFO, logger="kto_plugin"):
+        kto.attach(trainer)
+    n = len(trainer.train_dataset)
+    batches = -(-n // 4)  # per_device_train_batch_size=4
+    assert batches > 1
+    assert f"reference log-probs for train: {n} rows in {batches} batches; the first took " in caplog.text
+    assert "so the pass takes about " in caplog.text
+    assert f"reference log-probs for train ({n} rows, batch 4) computed in " in caplog.text

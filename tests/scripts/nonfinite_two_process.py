@@ -1,8 +1,12 @@
-"""Run under torchrun (2 processes, gloo, CPU): `on_nonfinite="skip"` when only rank 1 meets a NaN.
+"""Run under torchrun (2 processes, gloo, CPU): a NaN that only rank 1 meets, under two `on_nonfinite` policies.
 
-A forward hook NaNs one row that only rank 1 trains on (step 2). Both ranks must report it (rank 1's row
-index, gathered) and both must drop step 2's update, so the weights stay identical across ranks. Prints
-"NONFINITE-OK" on rank 0.
+A forward hook NaNs one row that only rank 1 trains on (step 2).
+
+* ``"skip"``: both ranks must report it (rank 1's row index, gathered) and both must drop step 2's update, so
+  the weights stay identical across ranks. Prints "NONFINITE-OK" on rank 0.
+* ``"raise"``: both ranks must raise `NonFiniteLossError` in the same step (2, before its update), with the same
+  message, and stay in step: a barrier after the error passes (a rank that raised alone would leave the other
+  waiting in the step's collectives). Prints "NONFINITE-RAISE-OK" on rank 0.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from kto_plugin import KTOConfig, KTOPlugin
+from kto_plugin import KTOConfig, KTOPlugin, NonFiniteLossError
 from kto_plugin.demo import build_tiny_model, build_tokenizer, hh_unpaired_rows
 
 POSITION = 13  # sequential order, batches of 4 dealt alternately: batch 3 (rows 12..15) is rank 1's at step 2
@@ -29,11 +33,12 @@ class WeightsPerStep(TrainerCallback):
         self.steps[state.global_step] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
 
 
-def main() -> None:
+def setup(policy):
+    """(plugin, trainer, dataset, weights per step, [micro-batch rows NaN'd on this rank])."""
     rows = hh_unpaired_rows(32)
     tokenizer = build_tokenizer([r["prompt"] + r["completion"] for r in rows], vocab_size=1024)
     model = build_tiny_model(len(tokenizer), hidden_size=32)
-    kto = KTOPlugin(KTOConfig(max_length=64, max_prompt_length=32, on_nonfinite="skip", warn_guidance=False),
+    kto = KTOPlugin(KTOConfig(max_length=64, max_prompt_length=32, on_nonfinite=policy, warn_guidance=False),
                     tokenizer=tokenizer)
     ds = kto.prepare_dataset(rows)
     weights = WeightsPerStep(model)
@@ -58,6 +63,12 @@ def main() -> None:
         return out
 
     model.get_input_embeddings().register_forward_hook(hook)
+    return kto, trainer, ds, weights, seen
+
+
+def skip() -> None:
+    kto, trainer, ds, weights, seen = setup("skip")
+    model = trainer.model
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         trainer.train()
@@ -79,6 +90,31 @@ def main() -> None:
     dist.barrier()
     if rank == 0:
         print("NONFINITE-OK", messages[0][:160])
+
+
+def raise_on_both() -> None:
+    _, trainer, ds, weights, seen = setup("raise")
+    rank = dist.get_rank()
+    try:
+        trainer.train()
+    except NonFiniteLossError as err:
+        message = str(err)
+    else:
+        raise AssertionError(f"rank {rank} trained on without raising")
+    assert bool(seen) == (rank == 1), (rank, seen)
+    assert f"rows [{ds[POSITION]['row_index']}] at training step 2" in message, (rank, message)
+    assert trainer.state.global_step == 1 and sorted(weights.steps) == [1], (rank, trainer.state.global_step)
+    messages = [None, None]
+    dist.all_gather_object(messages, message)  # both ranks reach this: neither is left in the step's collectives
+    assert messages[0] == messages[1], messages
+    dist.barrier()
+    if rank == 0:
+        print("NONFINITE-RAISE-OK", message[:160])
+
+
+def main() -> None:
+    skip()
+    raise_on_both()
     dist.destroy_process_group()
 
 

@@ -16,6 +16,7 @@ class TwoRankAccelerator:
     """Plays rank 0 of two: `reduce(x, "sum")` adds the other rank's tensor, `"mean"` averages with it."""
 
     num_processes = 2
+    device = torch.device("cpu")
 
     def __init__(self, other: torch.Tensor) -> None:
         self.other = other
@@ -28,14 +29,16 @@ def test_z0_is_weighted_by_each_rank_pair_count(tokenizer):
     hook = KTOPlugin(KTOConfig(), tokenizer=tokenizer).loss_hook
     # rank 0: 2 pairs with log-ratio 1; rank 1: 6 pairs with log-ratio 3 (sum 18, count 6)
     trainer = SimpleNamespace(accelerator=TwoRankAccelerator(torch.tensor([18.0, 6.0])))
-    z0 = hook.z0.estimate(trainer.accelerator, torch.tensor([1.0, 1.0]), torch.zeros(2), {})
+    policy, reference = torch.tensor([1.0, 1.0]), torch.zeros(2)
+    z0 = hook.z0.estimate(trainer.accelerator, True, policy, reference, policy - reference, torch.ones(2), {})
     assert z0.item() == pytest.approx((2 + 18) / 8)  # not the mean of the ranks' means, (1 + 3) / 2
 
 
 def test_z0_clamped_at_zero_after_reduction(tokenizer):
     hook = KTOPlugin(KTOConfig(), tokenizer=tokenizer).loss_hook
     trainer = SimpleNamespace(accelerator=TwoRankAccelerator(torch.tensor([-10.0, 2.0])))
-    z0 = hook.z0.estimate(trainer.accelerator, torch.tensor([2.0, 2.0]), torch.zeros(2), {})
+    policy, reference = torch.tensor([2.0, 2.0]), torch.zeros(2)
+    z0 = hook.z0.estimate(trainer.accelerator, True, policy, reference, policy - reference, torch.ones(2), {})
     assert z0.item() == 0.0  # (4 - 10) / 4 < 0
 
 

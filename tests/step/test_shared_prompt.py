@@ -79,6 +79,18 @@ def _full(model, labels, prefix=""):
     return naive_completion_logps(logits, ids, labels[f"{prefix}completion_labels"] != -100)
 
 
+@torch.no_grad()
+def _full_tokens(model, labels, prefix=""):
+    """(B, T): log pi(token t | tokens < t) where token t is a completion token, 0 elsewhere (full rows)."""
+    ids, mask = labels[f"{prefix}input_ids"], labels[f"{prefix}attention_mask"]
+    log_probs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+    out = torch.zeros(ids.shape)
+    for b, t in (labels[f"{prefix}completion_labels"] != -100).nonzero().tolist():
+        if t > 0:
+            out[b, t] = log_probs[b, t - 1, ids[b, t]]
+    return out
+
+
 def _close(ours, full):
     # float32 sums of up to 23 log-probs of ~-4.6 each: a few ulps of ~100
     assert torch.allclose(ours, full, rtol=1e-5, atol=1e-4), (ours, full)
@@ -140,6 +152,26 @@ def test_policy_route_from_the_trainers_forward_equals_full_recompute(kind, buck
 
     for with_cache, without in zip(grads(True), grads(False)):
         assert torch.allclose(with_cache, without, rtol=1e-5, atol=1e-6)
+
+
+def test_per_token_values_are_laid_out_as_the_full_rows(bucketed):
+    """Per-token log-probs (asked for by per-token losses, e.g. humanline) at the columns of the batch's completion
+    labels, whether the completions ran after the prompts' cache or as full rows."""
+    model = _model("llama")
+    labels = _batch(pad_to_multiple_of=16)
+    path = LogpsPath(True)
+    sharing = choose_sharing(model, path)
+    layout = SharedLayout.of(labels, path.ignore_index)
+    width = max(labels["completion_labels"].shape[1], labels["kl_completion_labels"].shape[1])
+    with torch.no_grad():
+        prompt = prompt_pass(model, labels["input_ids"], layout, sharing, bucketed)
+        both = score_completions(model, model.lm_head, path, prompt, layout, layout.completions, sharing, bucketed,
+                                 token_width=width)
+    target, kl = both.token_logps.chunk(2)
+    assert torch.allclose(target[:, : labels["completion_labels"].shape[1]], _full_tokens(model, labels), atol=1e-5)
+    assert torch.allclose(kl[:, : labels["kl_completion_labels"].shape[1]], _full_tokens(model, labels, "kl_"),
+                          atol=1e-5)
+    assert torch.allclose(both.token_logps.sum(1), both.logps, atol=1e-4)
 
 
 def test_eager_attention_equals_full_recompute():
@@ -242,9 +274,14 @@ class _CacheCalls:
             self.calls += 1
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full-ft-frozen-copy", "lora-null-reference"])
-def test_training_with_and_without_the_prompt_cache_agrees(lora, base_model, tokenizer, rows, tmp_path, caplog):
-    """Three SGD steps: the same logged metrics and the same weights, with each prompt computed once or per pass."""
+@pytest.mark.parametrize(
+    "loss_type,lora", [("kto", False), ("kto", True), ("humanline", False)],
+    ids=["full-ft-frozen-copy", "lora-null-reference", "humanline-per-token"],
+)
+def test_training_with_and_without_the_prompt_cache_agrees(loss_type, lora, base_model, tokenizer, rows, tmp_path,
+                                                           caplog):
+    """Three SGD steps: the same logged metrics and the same weights, with each prompt computed once or per pass
+    (humanline: per-token log-ratios, so per-token reference values from the shared passes)."""
     runs = {}
     for reuse in (True, False):
         model = copy.deepcopy(base_model)
@@ -254,7 +291,8 @@ def test_training_with_and_without_the_prompt_cache_agrees(lora, base_model, tok
             torch.manual_seed(0)  # the same random lora_A in both runs
             model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
         kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path / str(reuse), max_steps=3, optim="sgd",
-                                   kto_kwargs={"reuse_prompt_cache": reuse, "warn_guidance": False})
+                                   kto_kwargs={"reuse_prompt_cache": reuse, "warn_guidance": False,
+                                               "loss_type": loss_type})
         with caplog.at_level(logging.INFO, logger="kto_plugin"):
             kto.attach(trainer)
         passes = kto.loss_hook.passes

@@ -395,3 +395,40 @@ def test_model_adapter_name_with_sync_mixes_the_trained_adapter_into_the_referen
 
 def _sync_callback(trainer):
     return next(c for c in trainer.callback_handler.callbacks if isinstance(c, ReferenceSyncCallback))
+
+
+@pytest.fixture
+def adapter_folder(base_model, tmp_path):
+    """A base model folder and a folder with a trained LoRA adapter (B != 0) of it, saved alone."""
+    from peft import LoraConfig, get_peft_model
+
+    base_model.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(type(base_model).from_pretrained(tmp_path / "base"),
+                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        return tmp_path / "adapter", peft_model.eval()(input_ids=ids).logits, base_model(input_ids=ids).logits, ids
+
+
+def test_an_adapter_folder_loads_the_base_with_its_adapter(adapter_folder):
+    """The policy: a PeftModel whose adapter alone trains; a reference: the adapter merged, a plain model."""
+    from peft import PeftModel
+
+    from kto_plugin.trainer._models import load_pretrained
+
+    path, with_adapter, base_only, ids = adapter_folder
+    assert not torch.allclose(with_adapter, base_only)  # the adapter changes the outputs
+    policy = load_pretrained(path, None)
+    assert isinstance(policy, PeftModel)
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} == {
+        n for n, _ in policy.named_parameters() if "lora_" in n}
+    reference = load_pretrained(str(path), None, argument="ref_model")
+    assert not isinstance(reference, PeftModel) and not hasattr(reference, "peft_config")
+    with torch.no_grad():
+        for model in (policy.eval(), reference.eval()):
+            torch.testing.assert_close(model(input_ids=ids).logits, with_adapter, rtol=1e-5, atol=1e-5)

@@ -12,56 +12,21 @@ import json
 
 import pytest
 import torch
-from helpers import kto_trainer
+from helpers import KTO_KEYS, assert_same_weights, kto_trainer, logged, train_run
 from reference_cases import lora_config
 from peft import get_peft_model
 
-
-KTO_KEYS = (
-    "kl",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
-    "entropy",
-    "num_tokens",
-)
-
-
-def _train(model, tokenizer, rows, out, resume=None, kto_kwargs=None, **overrides):
-    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, logging_steps=1,
-              train_sampling_strategy="random", save_only_model=False)
-    kw.update(overrides)
-    kto, trainer = kto_trainer(model, tokenizer, rows, out, kto_kwargs=kto_kwargs, **kw)
-    kto.attach(trainer)
-    trainer.train(resume_from_checkpoint=resume)
-    return kto, trainer
-
-
-def _logs(trainer, steps, keys):
-    out = {}
-    for entry in trainer.state.log_history:
-        if entry.get("step") in steps and "kl" in entry:
-            out[entry["step"]] = {k: entry[k] for k in keys if k in entry}
-    return out
-
-
-def _assert_same_weights(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
-    assert not different, f"weights differ after resume: {different[:5]}"
+from family_task import build_task_tokenizer, kto_rows
+from kto_plugin import hookimpl
+from kto_plugin.demo import build_tiny_model
 
 
 def _resume_case(make_model, tokenizer, rows, tmp_path, kto_kwargs=None, **overrides):
     """(uninterrupted trainer, resumed trainer, resumed plugin)."""
-    _, straight = _train(make_model(), tokenizer, rows, tmp_path / "straight", kto_kwargs=kto_kwargs, **overrides)
+    _, straight = train_run(make_model(), tokenizer, rows, tmp_path / "straight", kto_kwargs=kto_kwargs, **overrides)
     checkpoint = tmp_path / "straight" / "checkpoint-2"
     assert checkpoint.is_dir()
-    kto, resumed = _train(make_model(), tokenizer, rows, tmp_path / "resumed", resume=str(checkpoint),
+    kto, resumed = train_run(make_model(), tokenizer, rows, tmp_path / "resumed", resume=str(checkpoint),
                           kto_kwargs=kto_kwargs, **overrides)
     return straight, resumed, kto
 
@@ -69,11 +34,11 @@ def _resume_case(make_model, tokenizer, rows, tmp_path, kto_kwargs=None, **overr
 @pytest.mark.slow
 def test_resume_full_finetune_is_exact(base_model, tokenizer, rows, tmp_path):
     straight, resumed, kto = _resume_case(lambda: copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path)
-    _assert_same_weights(straight.model, resumed.model)
-    _assert_same_weights(kto.reference.ref_model, base_model)  # the initial policy, not the step-2 weights
-    want = _logs(straight, {3, 4}, KTO_KEYS + ("loss", "grad_norm", "learning_rate"))
+    assert_same_weights(straight.model, resumed.model)
+    assert_same_weights(kto.reference.ref_model, base_model)  # the initial policy, not the step-2 weights
+    want = logged(straight, {3, 4}, KTO_KEYS + ("loss", "grad_norm", "learning_rate"))
     assert set(want) == {3, 4} and all(set(KTO_KEYS) <= set(v) for v in want.values())
-    assert _logs(resumed, {3, 4}, KTO_KEYS + ("loss", "grad_norm", "learning_rate")) == want
+    assert logged(resumed, {3, 4}, KTO_KEYS + ("loss", "grad_norm", "learning_rate")) == want
 
 
 @pytest.mark.slow
@@ -83,10 +48,10 @@ def test_resume_mid_logging_interval_logs_the_same_averages(base_model, tokenize
     straight, resumed, _ = _resume_case(lambda: copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path,
                                         logging_steps=4, eval_rows=rows[16:24], eval_strategy="steps",
                                         eval_steps=2)
-    _assert_same_weights(straight.model, resumed.model)
-    want = _logs(straight, {4}, KTO_KEYS)
+    assert_same_weights(straight.model, resumed.model)
+    want = logged(straight, {4}, KTO_KEYS)
     assert set(want[4]) == set(KTO_KEYS)
-    assert _logs(resumed, {4}, KTO_KEYS) == want
+    assert logged(resumed, {4}, KTO_KEYS) == want
     eval_keys = ("eval_kl", "eval_rewards/chosen", "eval_rewards/margins", "eval_loss")
     def evals(trainer):
         return {e["step"]: {k: e[k] for k in eval_keys} for e in trainer.state.log_history if "eval_kl" in e}
@@ -109,20 +74,20 @@ def test_resume_lora_null_reference_is_exact(base_model, tokenizer, rows, tmp_pa
                                           learning_rate=0.5, logging_steps=3)
     assert kto.reference.mode == "null_adapter"
     assert (tmp_path / "straight" / "checkpoint-2" / "adapter_model.safetensors").is_file()
-    _assert_same_weights(straight.model, resumed.model)
-    want = _logs(straight, {3, 4}, KTO_KEYS)
+    assert_same_weights(straight.model, resumed.model)
+    want = logged(straight, {3, 4}, KTO_KEYS)
     assert want[3]["rewards/margins"] != 0  # the adapter moved: the comparison is not between zeros
-    assert _logs(resumed, {3, 4}, KTO_KEYS) == want
+    assert logged(resumed, {3, 4}, KTO_KEYS) == want
 
 
 @pytest.mark.slow
 def test_resume_with_gradient_accumulation_is_exact(base_model, tokenizer, rows, tmp_path):
     straight, resumed, _ = _resume_case(lambda: copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path,
                                         per_device_train_batch_size=2, gradient_accumulation_steps=2)
-    _assert_same_weights(straight.model, resumed.model)
-    want = _logs(straight, {3, 4}, KTO_KEYS + ("loss", "grad_norm"))
+    assert_same_weights(straight.model, resumed.model)
+    want = logged(straight, {3, 4}, KTO_KEYS + ("loss", "grad_norm"))
     assert set(want) == {3, 4}
-    assert _logs(resumed, {3, 4}, KTO_KEYS + ("loss", "grad_norm")) == want
+    assert logged(resumed, {3, 4}, KTO_KEYS + ("loss", "grad_norm")) == want
 
 
 @pytest.mark.slow
@@ -133,8 +98,8 @@ def test_resume_with_precomputed_reference_reuses_the_log_probs(base_model, toke
                                           kto_kwargs=kto_kwargs, logging_steps=4)
     assert kto._precomputer.last_source["train"] == "cache"  # the first run's values, not a second pass
     assert resumed.train_dataset["ref_logps"] == straight.train_dataset["ref_logps"]
-    _assert_same_weights(straight.model, resumed.model)
-    assert _logs(resumed, {4}, KTO_KEYS) == _logs(straight, {4}, KTO_KEYS)
+    assert_same_weights(straight.model, resumed.model)
+    assert logged(resumed, {4}, KTO_KEYS) == logged(straight, {4}, KTO_KEYS)
 
 
 @pytest.mark.parametrize("precompute", [False, True], ids=["frozen_copy", "precomputed"])
@@ -145,12 +110,12 @@ def test_resume_from_checkpoint_weights_as_initial_model_is_refused(base_model, 
     from transformers import AutoModelForCausalLM
 
     kto_kwargs = {"precompute_ref_log_probs": True, "precompute_cache": False} if precompute else None
-    _train(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "first", kto_kwargs=kto_kwargs, max_steps=2)
+    train_run(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "first", kto_kwargs=kto_kwargs, max_steps=2)
     checkpoint = tmp_path / "first" / "checkpoint-2"
     trained = AutoModelForCausalLM.from_pretrained(str(checkpoint))
     match = "precomputed reference log-probs" if precompute else "reference model differs"
     with pytest.raises(ValueError, match=match) as info:
-        _train(trained, tokenizer, rows[:16], tmp_path / "again", resume=str(checkpoint), kto_kwargs=kto_kwargs)
+        train_run(trained, tokenizer, rows[:16], tmp_path / "again", resume=str(checkpoint), kto_kwargs=kto_kwargs)
     assert "initial policy" in str(info.value)
 
 
@@ -159,11 +124,11 @@ def test_resume_with_the_checkpoint_adapter_as_initial_model_is_refused(base_mod
     before attach would make the reference a copy of it. Refused before any step."""
     from peft import PeftModel
 
-    _train(_lora(base_model), tokenizer, rows[:16], tmp_path / "first", max_steps=2, learning_rate=0.5)
+    train_run(_lora(base_model), tokenizer, rows[:16], tmp_path / "first", max_steps=2, learning_rate=0.5)
     checkpoint = tmp_path / "first" / "checkpoint-2"
     trained = PeftModel.from_pretrained(copy.deepcopy(base_model), str(checkpoint), is_trainable=True)
     with pytest.raises(ValueError, match="reference is now .*frozen copy of adapter .*trained against .*base model"):
-        _train(trained, tokenizer, rows[:16], tmp_path / "again", resume=str(checkpoint), learning_rate=0.5)
+        train_run(trained, tokenizer, rows[:16], tmp_path / "again", resume=str(checkpoint), learning_rate=0.5)
 
 
 @pytest.mark.slow
@@ -176,8 +141,8 @@ def test_resume_with_a_copied_adapter_reference_is_exact(base_model, tokenizer, 
                                           tmp_path, learning_rate=0.5, logging_steps=3)
     assert kto.reference.mode == "named_adapter" and kto.reference.created_adapter == "ref"
     assert resumed.state.stateful_callbacks["kto_plugin"]["reference_model"]  # the copy was fingerprinted
-    _assert_same_weights(straight.model, resumed.model)
-    assert _logs(resumed, {3, 4}, KTO_KEYS) == _logs(straight, {3, 4}, KTO_KEYS)
+    assert_same_weights(straight.model, resumed.model)
+    assert logged(resumed, {3, 4}, KTO_KEYS) == logged(straight, {3, 4}, KTO_KEYS)
 
 
 def test_docs_resume_snippet_attaches_before_resuming():
@@ -196,7 +161,7 @@ def test_docs_resume_snippet_attaches_before_resuming():
 def test_resume_with_model_init_copies_the_reference_before_the_checkpoint_loads(base_model, tokenizer, rows,
                                                                                tmp_path):
     """With `model_init`, `train()` builds the model and then loads the checkpoint into it; the frozen copy is
-    taken in between (`compat.rebinding_model_init`), so it is the initial policy."""
+    taken in between (`kto_plugin.integrations._hpo.RebindingModelInit`), so it is the initial policy."""
     from helpers import args
     from transformers import Trainer
 
@@ -213,9 +178,9 @@ def test_resume_with_model_init_copies_the_reference_before_the_checkpoint_loads
 
     _, straight = run(tmp_path / "straight")
     kto, resumed = run(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-2"))
-    _assert_same_weights(kto.reference.ref_model, base_model)
-    _assert_same_weights(straight.model, resumed.model)
-    assert _logs(resumed, {3, 4}, KTO_KEYS) == _logs(straight, {3, 4}, KTO_KEYS)
+    assert_same_weights(kto.reference.ref_model, base_model)
+    assert_same_weights(straight.model, resumed.model)
+    assert logged(resumed, {3, 4}, KTO_KEYS) == logged(straight, {3, 4}, KTO_KEYS)
 
 
 def test_sampled_fingerprint_tells_trained_weights_apart(base_model):
@@ -261,21 +226,21 @@ def test_resume_with_synced_frozen_copy_is_exact(base_model, tokenizer, rows, tm
     same KTO metrics and end with the same policy and reference, bit for bit."""
     import shutil
 
-    straight_kto, straight = _train(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "straight",
+    straight_kto, straight = train_run(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "straight",
                                     kto_kwargs=SYNC, learning_rate=0.05)
     checkpoint = tmp_path / "straight" / "checkpoint-2"
     assert (checkpoint / "kto_ref_model.safetensors").is_file()
     shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-2")
-    kto, resumed = _train(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "resumed", resume=True,
+    kto, resumed = train_run(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "resumed", resume=True,
                           kto_kwargs=SYNC, learning_rate=0.05)
-    _assert_same_weights(straight.model, resumed.model)
-    _assert_same_weights(straight_kto.reference.ref_model, kto.reference.ref_model)
+    assert_same_weights(straight.model, resumed.model)
+    assert_same_weights(straight_kto.reference.ref_model, kto.reference.ref_model)
     moved = [k for k, v in base_model.state_dict().items()
              if not torch.equal(v, kto.reference.ref_model.state_dict()[k])]
     assert moved  # the reference did follow the policy
-    want = _logs(straight, {3, 4}, KTO_KEYS + ("loss", "grad_norm"))
+    want = logged(straight, {3, 4}, KTO_KEYS + ("loss", "grad_norm"))
     assert set(want) == {3, 4}
-    assert _logs(resumed, {3, 4}, KTO_KEYS + ("loss", "grad_norm")) == want
+    assert logged(resumed, {3, 4}, KTO_KEYS + ("loss", "grad_norm")) == want
     # the resumed run's checkpoint names the initial reference, as the first run's: a second resume passes
     states = [json.loads((tmp_path / d / "checkpoint-4" / "trainer_state.json").read_text())
               for d in ("straight", "resumed")]
@@ -290,7 +255,7 @@ def test_resume_with_synced_ref_adapter_is_exact(base_model, tokenizer, rows, tm
     import shutil
 
     kto_kwargs = dict(SYNC, ref_model_sync_steps=2)
-    straight_kto, straight = _train(_ref_adapter_policy(base_model), tokenizer, rows[:16], tmp_path / "straight",
+    straight_kto, straight = train_run(_ref_adapter_policy(base_model), tokenizer, rows[:16], tmp_path / "straight",
                                     kto_kwargs=kto_kwargs, learning_rate=64.0, optim="sgd")
     assert straight_kto.reference.mode == "named_adapter" and straight_kto.reference.ref_adapter_name == "ref"
     checkpoint = tmp_path / "straight" / "checkpoint-2"
@@ -302,23 +267,23 @@ def test_resume_with_synced_ref_adapter_is_exact(base_model, tokenizer, rows, tm
     assert any(not torch.equal(saved[k], initial[k]) for k in saved)  # synced at step 2
     if not trainer_folder:
         shutil.rmtree(checkpoint / "ref")
-    kto, resumed = _train(_ref_adapter_policy(base_model), tokenizer, rows[:16], tmp_path / "resumed",
+    kto, resumed = train_run(_ref_adapter_policy(base_model), tokenizer, rows[:16], tmp_path / "resumed",
                           resume=str(checkpoint), kto_kwargs=kto_kwargs, learning_rate=64.0, optim="sgd")
-    _assert_same_weights(straight.model, resumed.model)  # the "ref" adapter included
-    want = _logs(straight, {3, 4}, KTO_KEYS)
+    assert_same_weights(straight.model, resumed.model)  # the "ref" adapter included
+    want = logged(straight, {3, 4}, KTO_KEYS)
     assert set(want) == {3, 4}
-    assert _logs(resumed, {3, 4}, KTO_KEYS) == want
+    assert logged(resumed, {3, 4}, KTO_KEYS) == want
 
 
 def test_resume_with_sync_refuses_a_checkpoint_without_the_synced_reference(base_model, tokenizer, rows,
                                                                           tmp_path):
     """Without kto_ref_model.safetensors (deleted here; an older version did not write it) the synced reference
     is lost: refused before any step rather than training against the initial policy."""
-    _train(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "first", kto_kwargs=SYNC, max_steps=2)
+    train_run(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "first", kto_kwargs=SYNC, max_steps=2)
     checkpoint = tmp_path / "first" / "checkpoint-2"
     (checkpoint / "kto_ref_model.safetensors").unlink()
     with pytest.raises(ValueError, match="sync_ref_model=True.*no kto_ref_model.safetensors") as info:
-        _train(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "again", resume=str(checkpoint),
+        train_run(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "again", resume=str(checkpoint),
                kto_kwargs=SYNC)
     assert "train again from the start" in str(info.value)
 
@@ -329,13 +294,13 @@ def test_resume_with_sync_still_refuses_checkpoint_weights_as_initial_model(base
     the checkpoint's trained weights."""
     from transformers import AutoModelForCausalLM
 
-    _train(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "first", kto_kwargs=SYNC, max_steps=2)
+    train_run(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "first", kto_kwargs=SYNC, max_steps=2)
     checkpoint = tmp_path / "first" / "checkpoint-2"
     trained = AutoModelForCausalLM.from_pretrained(str(checkpoint))
     with pytest.raises(ValueError, match="reference model differs"):
-        _train(trained, tokenizer, rows[:16], tmp_path / "again", resume=str(checkpoint), kto_kwargs=SYNC)
+        train_run(trained, tokenizer, rows[:16], tmp_path / "again", resume=str(checkpoint), kto_kwargs=SYNC)
     with pytest.raises(ValueError, match="first run had KTOConfig\\(sync_ref_model=True\\)"):
-        _train(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "plain", resume=str(checkpoint))
+        train_run(copy.deepcopy(base_model), tokenizer, rows[:16], tmp_path / "plain", resume=str(checkpoint))
 
 
 def test_resume_with_synced_separate_ref_model_is_exact(base_model, tokenizer, rows, tmp_path):
@@ -356,12 +321,12 @@ def test_resume_with_synced_separate_ref_model_is_exact(base_model, tokenizer, r
         kto.attach(trainer)
         trainer.train(resume_from_checkpoint=resume)
         runs[name] = trainer, ref_model
-    _assert_same_weights(runs["straight"][0].model, runs["resumed"][0].model)
-    _assert_same_weights(runs["straight"][1], runs["resumed"][1])
+    assert_same_weights(runs["straight"][0].model, runs["resumed"][0].model)
+    assert_same_weights(runs["straight"][1], runs["resumed"][1])
     assert any(not torch.equal(v, ref().state_dict()[k]) for k, v in runs["resumed"][1].state_dict().items())
-    want = _logs(runs["straight"][0], {3, 4}, KTO_KEYS)
+    want = logged(runs["straight"][0], {3, 4}, KTO_KEYS)
     assert set(want) == {3, 4}
-    assert _logs(runs["resumed"][0], {3, 4}, KTO_KEYS) == want
+    assert logged(runs["resumed"][0], {3, 4}, KTO_KEYS) == want
 
 
 def _with_dropout(base_model):
@@ -381,7 +346,94 @@ def test_resume_window_kl_with_dropout_is_exact(base_model, tokenizer, rows, tmp
     straight, resumed, _ = _resume_case(lambda: _with_dropout(base_model), tokenizer, rows[:16], tmp_path,
                                         kto_kwargs=kto_kwargs, per_device_train_batch_size=2,
                                         gradient_accumulation_steps=2)
-    want = _logs(straight, {3, 4}, KTO_KEYS + ("loss", "grad_norm"))
+    want = logged(straight, {3, 4}, KTO_KEYS + ("loss", "grad_norm"))
     assert set(want) == {3, 4}
-    assert _logs(resumed, {3, 4}, KTO_KEYS + ("loss", "grad_norm")) == want
-    _assert_same_weights(straight.model, resumed.model)
+    assert logged(resumed, {3, 4}, KTO_KEYS + ("loss", "grad_norm")) == want
+    assert_same_weights(straight.model, resumed.model)
+
+
+# --- the KTO family's state (BCO's running mean, the EMA of z0, a third-party plugin's) ---
+
+
+class RunningCount:
+    """A third-party plugin with state: the training rows seen so far, logged as ``test/seen``."""
+
+    def __init__(self):
+        self.seen = 0
+
+    @hookimpl
+    def kto_metrics(self, labels, training):
+        if training:
+            self.seen += int(labels.numel())
+        return {"test/seen": float(self.seen)}
+
+    @hookimpl
+    def kto_state_dict(self):
+        return {"seen": self.seen}
+
+    @hookimpl
+    def kto_load_state_dict(self, state):
+        self.seen = 0 if state is None else state["seen"]
+
+
+FAMILY = {
+    "bco_accumulation": ({"loss_type": "bco"}, dict(per_device_train_batch_size=2, gradient_accumulation_steps=2)),
+    "ema": ({"reference_point": "ema", "reference_point_ema_decay": 0.5}, {}),
+    "ema_window": ({"reference_point": "ema", "kl_estimate": "window"},
+                   dict(per_device_train_batch_size=2, gradient_accumulation_steps=2)),
+    "bco_length_normalized_sft": ({"loss_type": "bco", "length_normalize": True, "sft_weight": 0.3}, {}),
+}
+FAMILY_KEYS = KTO_KEYS + ("loss", "grad_norm", "rewards/accuracy", "bco/delta", "sft_loss", "test/seen")
+
+
+@pytest.fixture(scope="module")
+def family_task():
+    """(tokenizer, model, rows) of tests/family_task.py: 16 short rows, none dropped or cut, desirable only (the
+    policy then raises completion log-probs in general, so z0 leaves its clamp at 0)."""
+    tokenizer = build_task_tokenizer()
+    rows = [r for r in kto_rows() if r["label"]][:16]
+    return tokenizer, build_tiny_model(len(tokenizer), hidden_size=32, seed=11), rows
+
+
+def _family_run(model, tokenizer, rows, out, kto_kwargs, resume=None, plugins=None, **overrides):
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, logging_steps=1, train_sampling_strategy="random",
+              save_only_model=False, learning_rate=1e-2)
+    kw.update(overrides)
+    kto, trainer = kto_trainer(model, tokenizer, rows, out, kto_kwargs={"warn_guidance": False, **kto_kwargs},
+                               plugin_kwargs={"plugins": [RunningCount()] if plugins is None else plugins}, **kw)
+    kto.attach(trainer)
+    trainer.train(resume_from_checkpoint=resume)
+    return kto, trainer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(FAMILY))
+def test_resume_with_family_state_is_exact(variant, family_task, tmp_path):
+    tokenizer, base_model, rows = family_task
+    kto_kwargs, overrides = FAMILY[variant]
+    first, straight = _family_run(copy.deepcopy(base_model), tokenizer, rows, tmp_path / "straight",
+                                  kto_kwargs, **overrides)
+    checkpoint = tmp_path / "straight" / "checkpoint-2"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["kto_plugin"]["plugins"]
+    stateful = "builtin:bco" if kto_kwargs.get("loss_type") == "bco" else "builtin:ema"
+    assert saved[stateful] and saved["test_resume.RunningCount"]["seen"] == 2 * 4  # after 2 steps of 4 rows
+    kto, resumed = _family_run(copy.deepcopy(base_model), tokenizer, rows, tmp_path / "resumed", kto_kwargs,
+                               resume=str(checkpoint), **overrides)
+    assert_same_weights(straight.model, resumed.model)
+    want = logged(straight, {3, 4}, FAMILY_KEYS)
+    assert set(want) == {3, 4}
+    assert logged(resumed, {3, 4}, FAMILY_KEYS) == want
+    assert kto.plugins.state_dict() == first.plugins.state_dict()
+    if stateful == "builtin:ema":
+        assert want[3]["kl"] > 0  # the moving average is not a string of zeros
+    else:
+        assert want[3]["bco/delta"] != 0
+
+
+@pytest.mark.slow
+def test_resume_without_a_plugin_whose_state_the_checkpoint_holds_is_refused(family_task, tmp_path):
+    tokenizer, base_model, rows = family_task
+    _family_run(copy.deepcopy(base_model), tokenizer, rows, tmp_path / "first", {}, max_steps=2)
+    with pytest.raises(ValueError, match=r"state of plugin\(s\) \['test_resume.RunningCount'\].*not registered"):
+        _family_run(copy.deepcopy(base_model), tokenizer, rows, tmp_path / "second", {}, plugins=[],
+                    resume=str(tmp_path / "first" / "checkpoint-2"))

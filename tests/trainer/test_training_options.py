@@ -2,7 +2,8 @@
 
 * `gradient_checkpointing=True` checkpoints the policy's forward with gradient only; the reference and the KL
   passes run under no-grad, un-checkpointed, and build no autograd graph (TRL 1.16 disables checkpointing
-  around them explicitly; transformers 5.x only checkpoints under grad).
+  around them explicitly; transformers >= 5.24 only checkpoints under grad, older 5.x calls the checkpoint
+  function without grad, i.e. plainly).
 * `pad_to_multiple_of` changes the batch width, never the numbers.
 * `disable_dropout` sets every `nn.Dropout` of the policy and reference to p = 0 while attached (as TRL's
   `disable_dropout_in_model`); dropout written as a function of a config value (Llama's `attention_dropout`)
@@ -17,6 +18,7 @@ import pytest
 import torch
 import transformers.modeling_utils
 from helpers import kto_trainer
+from packaging.version import Version
 from transformers import GPT2Config, GPT2LMHeadModel
 
 
@@ -29,12 +31,16 @@ def test_checkpointing_covers_the_policy_forward_with_grad_only(base_model, toke
     original = transformers.modeling_utils.checkpoint
 
     def counting(function, *args, **kwargs):
-        checkpointed.append((function.args[0], torch.is_grad_enabled()))
+        # the layer: partial(forward, layer, ...) in recent transformers, partial(layer.__call__, ...) in 5.19
+        layer = function.args[0] if function.args else function.func.__self__
+        checkpointed.append((layer, torch.is_grad_enabled()))
         return original(function, *args, **kwargs)
 
     monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting)  # the Trainer enables it in train()
     policy = copy.deepcopy(base_model)
-    policy.activation_checkpointing_enable()  # before attach: the frozen-copy reference inherits the flag
+    # before attach: the frozen-copy reference inherits the flag; transformers 5.19 only has the old name
+    enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+    enable()
     kto, trainer = kto_trainer(policy, tokenizer, rows, tmp_path, max_steps=1, optim="sgd", learning_rate=1.0,
                                gradient_checkpointing=True, kto_kwargs={"length_buckets": "off"})
     kto.attach(trainer)
@@ -45,8 +51,14 @@ def test_checkpointing_covers_the_policy_forward_with_grad_only(base_model, toke
     trainer.train()
 
     policy_layers = set(map(id, trainer.model.model.layers))
-    assert len(checkpointed) == len(policy_layers) == 2  # each policy layer once: the target forward
-    assert all(id(layer) in policy_layers and grad for layer, grad in checkpointed)
+    with_grad = [id(layer) for layer, grad in checkpointed if grad]
+    assert len(with_grad) == len(policy_layers) == 2 and set(with_grad) == policy_layers  # the target forward
+    # transformers < 5.24 also sends the policy's no-grad KL forward through the checkpoint function (which
+    # torch runs as a plain call without grad); from 5.24 it runs un-checkpointed. The reference never is.
+    without_grad = [id(layer) for layer, grad in checkpointed if not grad]
+    assert set(without_grad) <= policy_layers
+    if Version(transformers.__version__) >= Version("5.24"):
+        assert without_grad == []
     # the policy: target, KL (full rows: a checkpointed forward keeps no cache); the reference: its prompts, then
     # the target and the KL completions together against them
     assert graphs == {"policy": [True, False], "reference": [False, False]}
