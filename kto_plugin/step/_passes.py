@@ -16,6 +16,7 @@ laid out like the batch's completion labels whichever way they were computed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -34,6 +35,8 @@ from ._shared_prompt import (
 if TYPE_CHECKING:
     from transformers import Trainer
 
+logger = logging.getLogger("kto_plugin")
+
 
 def model_inputs(labels: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
     """The model inputs beyond ids and mask (`prefix` "kl_" for the KL batch): an encoder-decoder batch's decoder
@@ -44,6 +47,14 @@ def model_inputs(labels: Mapping[str, Any], prefix: str = "") -> dict[str, torch
         "decoder_input_ids": labels[f"{prefix}decoder_input_ids"],
         "decoder_attention_mask": labels[f"{prefix}decoder_attention_mask"],
     }
+
+
+def _no_cache(module: Any, what: str) -> PromptSharing:
+    """Sharing off from now on, said once: a forward asked for a cache returned none (a setting `choose_sharing`
+    did not foresee)."""
+    reason = f"{type(module).__name__} returned no key/value cache for use_cache=True"
+    logger.warning("kto_plugin: the %s full rows from now on: %s", what, reason)
+    return PromptSharing(False, reason)
 
 
 class ReferenceLogps(NamedTuple):
@@ -75,6 +86,8 @@ class Passes:
         sharing, path = self.policy_sharing, self.policy_path
         layout = self._layout(labels, sharing, path) if outputs is not None else None
         prompt = prompt_state_of(outputs, layout, sharing) if layout is not None else None
+        if layout is not None and prompt is None:
+            self.policy_sharing = _no_cache(model, "policy's KL pass runs")
         if prompt is not None:
             return score_completions(
                 model, policy_head, path, prompt, layout, layout.kl, sharing, self.bucketed,
@@ -104,27 +117,36 @@ class Passes:
         layout = self._layout(labels, sharing, path) if with_kl and with_target else None
         with self.reference.activate(trainer) as module:
             head = lm_head_of(trainer.accelerator.unwrap_model(module))
-            if layout is not None:
-                width = max(labels["completion_labels"].shape[1], labels["kl_completion_labels"].shape[1])
-                prompt = prompt_pass(module, labels["input_ids"], layout, sharing, self.bucketed)
-                both = score_completions(
-                    module, head, path, prompt, layout, layout.completions, sharing, self.bucketed,
-                    width if with_tokens else None,
-                )
-                target, kl = both.logps.chunk(2)
-                if not with_tokens:
-                    return ReferenceLogps(target, kl)
-                target_tokens, kl_tokens = both.token_logps.chunk(2)
-                return ReferenceLogps(
-                    target, kl, target_tokens[:, : labels["completion_labels"].shape[1]],
-                    kl_tokens[:, : labels["kl_completion_labels"].shape[1]],
-                )
+            shared = None if layout is None else self._shared_reference(module, head, labels, layout, with_tokens)
+            if shared is not None:
+                return shared
             kl = self._full_rows(module, head, path, labels, "kl_", with_tokens) if with_kl else None
             target = self._full_rows(module, head, path, labels, "", with_tokens) if with_target else None
         return ReferenceLogps(
             None if target is None else target.logps, None if kl is None else kl.logps,
             None if target is None else target.token_logps, None if kl is None else kl.token_logps,
         )
+
+    def _shared_reference(
+        self, module: Any, head: Any, labels: Mapping[str, Any], layout: SharedLayout, with_tokens: bool
+    ) -> ReferenceLogps | None:
+        """Both batches' reference log-probs from one pass over the prompts and one over both completion sets; None
+        (and full rows from then on, with a warning) when the module kept no cache."""
+        sharing, path = self.reference_sharing, self.reference_path
+        prompt = prompt_pass(module, labels["input_ids"], layout, sharing, self.bucketed)
+        if prompt is None:
+            self.reference_sharing = _no_cache(module, "reference's passes run")
+            return None
+        widths = labels["completion_labels"].shape[1], labels["kl_completion_labels"].shape[1]
+        both = score_completions(
+            module, head, path, prompt, layout, layout.completions, sharing, self.bucketed,
+            max(widths) if with_tokens else None,
+        )
+        target, kl = both.logps.chunk(2)
+        if not with_tokens:
+            return ReferenceLogps(target, kl)
+        target_tokens, kl_tokens = both.token_logps.chunk(2)
+        return ReferenceLogps(target, kl, target_tokens[:, : widths[0]], kl_tokens[:, : widths[1]])
 
     def _layout(self, labels: Mapping[str, Any], sharing: PromptSharing, path: LogpsPath) -> SharedLayout | None:
         """The batch cut into prompts and completions, or None where its passes run full rows."""

@@ -78,14 +78,17 @@ OFF = PromptSharing(False, "not attached")
 
 
 def choose_sharing(
-    model: nn.Module, path: LogpsPath, enabled: bool = True, kl_pass: bool = True, gradient_checkpointing: bool = False
+    model: nn.Module, path: LogpsPath, enabled: bool = True, kl_pass: bool = True, gradient_checkpointing: bool = False,
+    role: str = "policy",
 ) -> PromptSharing:
     """Whether `model` (unwrapped policy or reference) can score completions against a prompt's cache, exactly.
 
     `enabled`: `KTOConfig.reuse_prompt_cache`. `kl_pass`: the model scores the KL batch next to the target batch
     in a step (no: a loss without KL term; for the policy also ``kl_estimate="window"``, whose KL passes run
-    before the Trainer's forward). `gradient_checkpointing`: the policy is trained with it, so its forward keeps
-    no cache (the reference's no-grad passes are not checkpointed).
+    before the Trainer's forward). `gradient_checkpointing`: the model's layers are checkpointed in training mode:
+    the policy's forward (with grad) then keeps no cache; a reference that runs through the policy's module (an
+    adapter reference, `role="reference"`) loses it only under transformers < 5.24, whose checkpointed layers drop
+    the cache in training mode also without grad (a separate reference model runs in eval mode: pass False).
     """
     if not enabled:
         return PromptSharing(False, "KTOConfig.reuse_prompt_cache=False")
@@ -93,8 +96,13 @@ def choose_sharing(
         return PromptSharing(False, "no KL pass next to the target batch, so no prompt is computed twice")
     if not path.use_hidden:
         return PromptSharing(False, f"log-probs come from the model's logits: {path.reason}")
-    if gradient_checkpointing:
+    if gradient_checkpointing and role == "policy":
         return PromptSharing(False, "gradient checkpointing: the policy's forward keeps no key/value cache")
+    if gradient_checkpointing and _checkpointing_drops_cache_without_grad():
+        return PromptSharing(
+            False, "gradient checkpointing: transformers < 5.24 drops the key/value cache of a checkpointed model in "
+            "training mode, also without gradient"
+        )
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     peft_config = getattr(model, "peft_config", None) or getattr(base, "peft_config", None) or {}
     for name, adapter in peft_config.items():
@@ -122,6 +130,13 @@ def choose_sharing(
     if kwarg is None or "position_ids" not in params:
         return PromptSharing(False, f"{type(base).__name__}.forward takes no key/value cache or position ids")
     return PromptSharing(True, cache_kwarg=kwarg, window=getattr(config, "sliding_window", None))
+
+
+def _checkpointing_drops_cache_without_grad() -> bool:
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) < Version("5.24")
 
 
 class CompletionPart(NamedTuple):
@@ -254,9 +269,10 @@ def prompt_state_of(outputs: Any, layout: SharedLayout, sharing: PromptSharing) 
 
 def prompt_pass(
     module: nn.Module, input_ids: torch.Tensor, layout: SharedLayout, sharing: PromptSharing, bucketed: bool = False
-) -> PromptState:
+) -> PromptState | None:
     """Run `module` over the prompts only (the target batch's first `layout.width` columns), in groups of similar
-    prompt length when `bucketed` (`_buckets`); call under no_grad.
+    prompt length when `bucketed` (`_buckets`); call under no_grad. None when the model kept no cache (a setting
+    `choose_sharing` did not foresee): the caller runs full rows.
 
     An empty prompt runs as one (masked-out) token: a query that may attend to nothing makes SDPA return NaN,
     which would enter the cache; the completions never see that slot.
@@ -272,7 +288,7 @@ def prompt_pass(
         )
         kv = _kv_of(outputs, sharing, width)
         if kv is None:
-            raise RuntimeError(f"{type(module).__name__} returned no key/value cache for use_cache=True")
+            return None
         hidden = _last_prompt_hidden(outputs.hidden_states[-1], layout.prompt_lengths[rows])
         if isinstance(rows, slice):
             return PromptState(tuple(kv), hidden)

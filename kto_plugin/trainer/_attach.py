@@ -88,9 +88,11 @@ def bind_model(plugin: KTOPlugin, trainer: Trainer, policy: torch.nn.Module) -> 
         checkpointing,
     )
     binding.setattr(hook.passes, "policy_sharing", policy_sharing)
+    # a separate reference model runs in eval mode; an adapter reference runs through the policy's module
     binding.setattr(hook.passes, "reference_sharing", choose_sharing(
         trainer.accelerator.unwrap_model(reference_model) if reference_model is not None else policy,
-        reference_path, config.reuse_prompt_cache, plugin.needs_kl,
+        reference_path, config.reuse_prompt_cache, plugin.needs_kl, checkpointing and reference_model is None,
+        role="reference",
     ))
     binding.setattr(hook.passes, "bucketed", use_buckets(config.length_buckets, trainer.accelerator.device))
     model_kwargs = policy_path.model_kwargs()

@@ -270,7 +270,7 @@ class _CacheCalls:
         self.handle = module.register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module, args, kwargs):
-        if kwargs.get("cache") is not None:
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:  # transformers < 5.25
             self.calls += 1
 
 
@@ -331,3 +331,56 @@ def test_gradient_checkpointing_keeps_the_reference_sharing(base_model, tokenize
     assert "use_cache" not in kto.collator.model_kwargs or kto.collator.model_kwargs["use_cache"] is False
     trainer.train()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_lora_null_reference_with_gradient_checkpointing(base_model, tokenizer, rows, tmp_path, caplog):
+    """The reference runs through the policy's module in training mode: transformers < 5.24 drops a checkpointed
+    model's cache there (the reference then runs full rows); from 5.24 it computes each prompt once. Either way the
+    training equals full rows'."""
+    from packaging.version import Version
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing" if hasattr(TrainingArguments, "activation_checkpointing") else (
+        "gradient_checkpointing")
+    runs = {}
+    for reuse in (True, False):
+        torch.manual_seed(0)
+        model = get_peft_model(copy.deepcopy(base_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path / str(reuse), max_steps=2, optim="sgd",
+                                   kto_kwargs={"reuse_prompt_cache": reuse, "warn_guidance": False}, **{name: True})
+        with caplog.at_level(logging.INFO, logger="kto_plugin"):
+            kto.attach(trainer)
+            trainer.train()
+        runs[reuse] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        if reuse:
+            sharing = kto.loss_hook.passes.reference_sharing
+            assert sharing.on is (Version(transformers_version()) >= Version("5.24")), sharing
+    assert "returned no key/value cache" not in caplog.text  # decided at attach, not found out during training
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5)
+
+
+def transformers_version():
+    import transformers
+
+    return transformers.__version__
+
+
+def test_a_model_that_keeps_no_cache_falls_back_to_full_rows(base_model, tokenizer, rows, tmp_path, caplog,
+                                                            monkeypatch):
+    """A forward that returns no cache (a setting choose_sharing did not foresee): one warning, full rows from then
+    on, the same training as full rows."""
+    from kto_plugin.step import _shared_prompt
+
+    monkeypatch.setattr(_shared_prompt, "_kv_of", lambda *args: None)
+    runs = {}
+    for reuse in (True, False):
+        kto, trainer = kto_trainer(copy.deepcopy(base_model), tokenizer, rows, tmp_path / str(reuse), max_steps=2,
+                                   optim="sgd", kto_kwargs={"reuse_prompt_cache": reuse, "warn_guidance": False})
+        kto.attach(trainer)
+        with caplog.at_level(logging.WARNING, logger="kto_plugin"):
+            trainer.train()
+        runs[reuse] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert caplog.text.count("the reference's passes run full rows from now on") == 1
+    assert caplog.text.count("the policy's KL pass runs full rows from now on") == 1
+    assert runs[True] == pytest.approx(runs[False], rel=1e-6)
