@@ -101,11 +101,15 @@ def main() -> None:
         for grad in (False, True):
             times: dict[str, list[float]] = {name: [] for name in LAYOUTS}
             results = {}
-            for _ in range(opts.rounds + 1):  # the first round warms up (and compiles flex attention)
-                for name, layout in LAYOUTS.items():
-                    model.zero_grad()
-                    seconds, results[name] = _time(lambda layout=layout: layout(model, ids, mask, comp), grad)
-                    times[name].append(seconds)
+            try:
+                for _ in range(opts.rounds + 1):  # the first round warms up (and compiles flex attention)
+                    for name, layout in LAYOUTS.items():
+                        model.zero_grad()
+                        seconds, results[name] = _time(lambda layout=layout: layout(model, ids, mask, comp), grad)
+                        times[name].append(seconds)
+            except NotImplementedError as err:  # flex attention has no backward on the CPU (torch 2.13)
+                print(f"| {attention} | forward+backward | not supported here: {str(err).splitlines()[0]} | | |")
+                continue
             for name in LAYOUTS:
                 error = (results[name] - results["padded"]).abs().max().item()
                 assert error < 1e-2, f"{attention} {name}: log-probs differ from the padded batch's by {error}"
