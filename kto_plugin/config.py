@@ -21,6 +21,7 @@ KL_ESTIMATES = ("batch", "window")
 REFERENCE_POINTS = ("mean", "positive_mean", "ema")
 NONFINITE_POLICIES = ("warn", "raise", "skip")
 BAD_ROW_POLICIES = ("raise", "skip")
+LENGTH_BUCKETS = ("auto", "on", "off")
 
 PAIRED_ORDERS = ("trl", "interleaved")
 
@@ -280,6 +281,25 @@ class KTOConfig:
         default=False,
         metadata={"help": "Keep the activations saved for backward in CPU memory during each training step."},
     )
+    reuse_prompt_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute each prompt once per model per step: the policy's KL pass scores the KL completions "
+            "against the keys and values of its own forward's prompts, and the reference runs the prompts once for "
+            "both completion sets. Same log-probs up to float rounding. Used where the model allows it (see "
+            "docs/performance.md; the attach log says why not otherwise). False: every pass runs full rows."
+        },
+    )
+    length_buckets: str = field(
+        default="auto",
+        metadata={
+            "help": "Run the rows of the no-grad passes (policy KL, reference) in groups of similar length, each "
+            "padded to its own longest row, so little compute goes to padding: 'auto' (on the CPU, where it was "
+            "measured to pay off, see docs/performance.md; off on accelerators, where it was not measured), 'on', "
+            "'off'. Same log-probs up to float rounding.",
+            "choices": list(LENGTH_BUCKETS),
+        },
+    )
 
     # --- evaluation ---
     generate_during_eval: bool = field(
@@ -385,6 +405,10 @@ class KTOConfig:
         if self.peft_reference not in PEFT_REFERENCES:
             raise ValueError(
                 f"KTOConfig.peft_reference must be one of {PEFT_REFERENCES}, got {self.peft_reference!r}."
+            )
+        if self.length_buckets not in LENGTH_BUCKETS:
+            raise ValueError(
+                f"KTOConfig.length_buckets must be one of {LENGTH_BUCKETS}, got {self.length_buckets!r}."
             )
         if self.reference_point not in REFERENCE_POINTS:
             raise ValueError(

@@ -47,6 +47,7 @@ FLOOR_MODULES = (
     "test_reference",
     "test_resume",
     "test_router",
+    "test_shared_prompt",
     "test_sync",
     "test_training_options",
 )

@@ -142,7 +142,9 @@ class KTOComputeLoss:
             # 2. the KL pass: the policy on (prompt i, completion of i's partner); not needed when the window's
             #    z0 applies or the loss has no KL term
             with_kl = self.needs_kl and not self.z0.uses_window(mode)
-            policy_kl = self.passes.policy_kl(model, policy_head, labels, with_tokens=tokens) if with_kl else None
+            policy_kl = (
+                self.passes.policy_kl(model, policy_head, labels, outputs, with_tokens=tokens) if with_kl else None
+            )
             # 3. the reference on both batches, switched in once
             reference = self.passes.reference_logps(trainer, labels, with_kl=with_kl, with_tokens=tokens)
             # 4. z0 (detached)

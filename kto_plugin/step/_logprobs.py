@@ -253,10 +253,15 @@ class LogpsPath:
         """`with_tokens`: also the (B, T) per-token log-probs (`SequenceLogps.token_logps`)."""
         hidden_states = getattr(outputs, "hidden_states", None)
         if self.use_hidden and hidden_states is not None and lm_head is not None:
-            return logps_from_hidden(
-                hidden_states[-1], lm_head, completion_labels, with_stats, self.ignore_index, with_tokens
-            )
+            return self.from_hidden(hidden_states[-1], lm_head, completion_labels, with_stats, with_tokens)
         return logps_from_logits(outputs.logits, completion_labels, with_stats, self.ignore_index, with_tokens)
+
+    def from_hidden(
+        self, hidden: torch.Tensor, lm_head: nn.Module, completion_labels: torch.Tensor, with_stats: bool = False,
+        with_tokens: bool = False,
+    ) -> SequenceLogps:
+        """Summed completion log-probs from final hidden states (B, T, H) whose position t scores label t + 1."""
+        return logps_from_hidden(hidden, lm_head, completion_labels, with_stats, self.ignore_index, with_tokens)
 
     def forward(
         self,

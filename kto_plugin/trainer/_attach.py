@@ -29,7 +29,9 @@ from ..integrations._router import router_aux_coef
 from ..reference._adapters import AdapterHost, activate_trained_adapter
 from ..reference._sharding import shards_parameters
 from ..reference._sync import ReferenceSyncCallback, sync_pairs
+from ..step._buckets import use_buckets
 from ..step._logprobs import LogpsPath, choose_path
+from ..step._shared_prompt import choose_sharing
 from ..step._reference_point import WindowBatchSamples
 from ._callbacks import KTOMetricsCallback, NonFiniteSkipCallback
 from ._guidance import attach_advice, label_counts
@@ -80,7 +82,22 @@ def bind_model(plugin: KTOPlugin, trainer: Trainer, policy: torch.nn.Module) -> 
     binding.on_undo(hook, "bind", None)
     hook.bind(trainer, policy_path, reference_path)
     binding.setattr(hook, "router_aux_loss_coef", aux_coef)
+    checkpointing = activation_checkpointing(trainer.args, policy)
+    policy_sharing = choose_sharing(
+        policy, policy_path, config.reuse_prompt_cache, plugin.needs_kl and config.kl_estimate != "window",
+        checkpointing,
+    )
+    binding.setattr(hook.passes, "policy_sharing", policy_sharing)
+    # a separate reference model runs in eval mode; an adapter reference runs through the policy's module
+    binding.setattr(hook.passes, "reference_sharing", choose_sharing(
+        trainer.accelerator.unwrap_model(reference_model) if reference_model is not None else policy,
+        reference_path, config.reuse_prompt_cache, plugin.needs_kl, checkpointing and reference_model is None,
+        role="reference",
+    ))
+    binding.setattr(hook.passes, "bucketed", use_buckets(config.length_buckets, trainer.accelerator.device))
     model_kwargs = policy_path.model_kwargs()
+    if policy_sharing.on:
+        model_kwargs["use_cache"] = True  # the Trainer's forward keeps the prompts' keys and values for the KL pass
     if aux_coef is not None:
         # the Trainer's policy forward (not the reference or KL passes) returns the model's own aux_loss
         model_kwargs["output_router_logits"] = True
@@ -90,6 +107,18 @@ def bind_model(plugin: KTOPlugin, trainer: Trainer, policy: torch.nn.Module) -> 
             if isinstance(module, torch.nn.Dropout) and module.p != 0:
                 binding.setattr(module, "p", 0.0)
     return policy_path
+
+
+def activation_checkpointing(args: Any, policy: torch.nn.Module) -> bool:
+    """Whether the policy trains with activation (gradient) checkpointing: asked for in the arguments (the Trainer
+    turns it on in `train()`, after attach) or already on. transformers 5.25 renamed `gradient_checkpointing` to
+    `activation_checkpointing` (the old names warn), older releases have the old names only."""
+    asked = getattr(args, "activation_checkpointing", None)
+    if asked is None:
+        asked = getattr(args, "gradient_checkpointing", False)
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    name = next((n for n in ("is_activation_checkpointing", "is_gradient_checkpointing") if hasattr(type(base), n)), None)
+    return bool(asked) or (name is not None and bool(getattr(base, name)))
 
 
 def install(plugin: KTOPlugin, trainer: Trainer, policy_path: LogpsPath) -> None:
@@ -152,9 +181,10 @@ def log_summary(plugin: KTOPlugin, policy_path: Any, counts: tuple[int, int] | N
     third_party = [(n, src) for n, src in plugin.plugins.describe() if src != "built-in"]
     family = [f"{name}={getattr(c, name)!r}" for name in FAMILY_OPTIONS
               if getattr(c, name) != KTOConfig.__dataclass_fields__[name].default]
+    passes = plugin.loss_hook.passes
     logger.info(
         "kto_plugin: attached: loss=%s%s beta=%s | reference: %s | KL pass: %s | %s | log-probs from %s%s | "
-        "%d third-party plugin(s)%s",
+        "prompts computed once: policy %s, reference %s | %d third-party plugin(s)%s",
         c.loss_type,
         f" ({', '.join(family)})" if family else "",
         c.beta,
@@ -163,6 +193,8 @@ def log_summary(plugin: KTOPlugin, policy_path: Any, counts: tuple[int, int] | N
         data,
         policy_path.name,
         f" ({policy_path.reason})" if policy_path.reason else "",
+        passes.policy_sharing.describe(),
+        passes.reference_sharing.describe(),
         len(third_party),
         (": " + ", ".join(f"{n} [{src}]" for n, src in third_party)) if third_party else "",
     )

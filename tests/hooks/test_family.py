@@ -169,9 +169,11 @@ def test_per_token_log_probs_are_computed_only_when_a_plugin_asks(task_tokenizer
     calls = []
     original = _logprobs._per_token
     monkeypatch.setattr(_logprobs, "_per_token", lambda *a: calls.append(1) or original(*a))
-    for loss_type, expected in (("kto", 0), ("bco", 0), ("humanline", 4)):  # policy, KL, reference, reference KL
+    # humanline: the policy, its KL completions, the reference's target and KL completions (one pass: each prompt is
+    # computed once, the rows not split by length)
+    for loss_type, expected in (("kto", 0), ("bco", 0), ("humanline", 3)):
         kto, trainer = kto_trainer(copy.deepcopy(two_models[0]), task_tokenizer, kto_rows(), tmp_path,
-                                   kto_kwargs={"loss_type": loss_type})
+                                   kto_kwargs={"loss_type": loss_type, "length_buckets": "off"})
         kto.attach(trainer)
         calls.clear()
         trainer.model.train()

@@ -195,23 +195,25 @@ def _count_forwards(kto, trainer):
     return counts
 
 
-@pytest.mark.parametrize("loss_type,forwards", [("kl_free", 1), ("kto", 2)])
-def test_a_loss_without_kl_skips_the_kl_forward(loss_type, forwards, model, tokenizer, rows, tmp_path):
+# forwards per step (rows not split by length): the policy's target batch, then its KL completions against the
+# target forward's prompt cache; the reference's prompts, then its target and KL completions in one pass
+@pytest.mark.parametrize("loss_type,policy,reference", [("kl_free", 1, 1), ("kto", 2, 2)])
+def test_a_loss_without_kl_skips_the_kl_forward(loss_type, policy, reference, model, tokenizer, rows, tmp_path):
     kto, trainer = kto_trainer(
         model,
         tokenizer,
         rows,
         tmp_path,
-        kto_kwargs={"loss_type": loss_type},
+        kto_kwargs={"loss_type": loss_type, "length_buckets": "off"},
         plugin_kwargs={"plugins": [KLFree()]},
         max_steps=2,
     )
     kto.attach(trainer)
     counts = _count_forwards(kto, trainer)
     batch = kto.collator([trainer.train_dataset[i] for i in range(4)])
-    assert ("kl_input_ids" in batch["labels"]) == (forwards == 2)
+    assert ("kl_input_ids" in batch["labels"]) == (loss_type == "kto")
     trainer.train()
-    assert counts == {"policy": 2 * forwards, "reference": 2 * forwards}
+    assert counts == {"policy": 2 * policy, "reference": 2 * reference}
     if loss_type == "kl_free":
         assert all(h["kl"] == 0.0 for h in _train_logs(trainer))
 

@@ -254,13 +254,14 @@ def test_precompute_ref_batch_size_is_honoured(
         tokenizer,
         rows,
         tmp_path,
-        kto_kwargs=_precompute(cache_dir, precompute_ref_batch_size=batch_size),
+        kto_kwargs=_precompute(cache_dir, precompute_ref_batch_size=batch_size, length_buckets="off"),
     )
     kto.attach(trainer)
     handle.remove()
     n = len(trainer.train_dataset)
     sizes = [expected] * (n // expected) + ([n % expected] if n % expected else [])
-    assert seen == [s for s in sizes for _ in range(2)]  # a target and a KL forward per batch
+    # per batch: the prompts, then the target and the KL completions together (rows not split by length)
+    assert seen == [n for s in sizes for n in (s, 2 * s)]
 
 
 def test_no_reference_model_is_created_or_kept(model, tokenizer, rows, tmp_path, cache_dir):

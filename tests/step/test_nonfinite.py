@@ -22,8 +22,9 @@ from helpers import kto_trainer
 BATCH = 4
 
 
-def poison(model, sequences, pad_id):
-    """NaN the embedding output of every row whose non-pad token ids equal one of `sequences`."""
+def poison(model, sequences, pad_id, prefix=False):
+    """NaN the embedding output of every row whose non-pad token ids equal one of `sequences` (`prefix`: of every row
+    that starts with one)."""
     targets = [torch.tensor(s) for s in sequences]
 
     def hook(module, inputs, output):
@@ -32,7 +33,7 @@ def poison(model, sequences, pad_id):
         for i, row in enumerate(ids):
             for seq in targets:
                 n = len(seq)
-                if n <= len(row) and torch.equal(row[:n], seq) and (n == len(row) or row[n] == pad_id):
+                if n <= len(row) and torch.equal(row[:n], seq) and (prefix or n == len(row) or row[n] == pad_id):
                     out[i] = float("nan")
         return out
 
@@ -47,6 +48,11 @@ def kl_sequence(ds, i, max_length=96):
     """The KL row of position `i`: its prompt with the previous row's completion (within its batch)."""
     partner = i - 1 if i % BATCH else i + BATCH - 1
     return (list(ds[i]["prompt_ids"]) + list(ds[partner]["completion_ids"]))[:max_length]
+
+
+def kl_completion(ds, i, max_length=96):
+    """The completion tokens of that KL row: what the policy's KL pass runs when it reuses the prompt's cache."""
+    return kl_sequence(ds, i, max_length)[len(ds[i]["prompt_ids"]):]
 
 
 class WeightsPerStep(TrainerCallback):
@@ -67,8 +73,14 @@ def assert_only_update_dropped(weights, step):
     assert all(torch.isfinite(v).all() for v in after.values())
 
 
-def setup(model, tokenizer, rows, tmp_path, policy, loss_type="kto", kl_estimate="batch", **overrides):
-    kto_kwargs = {"on_nonfinite": policy, "loss_type": loss_type, "kl_estimate": kl_estimate, "warn_guidance": False}
+# A NaN in a target row reaches the KL pair of the same prompt when the policy's KL pass reuses the prompt's keys and
+# values (kto_plugin.step._shared_prompt; test_target_row_nan_reaches_its_prompts_kl_pair), and the report then
+# names z0 too. The injection here NaNs one exact row (a real NaN in a completion reaches every row holding it, the
+# KL row of the next prompt too), so the tests of a target row's report run full rows (reuse_prompt_cache=False).
+def setup(model, tokenizer, rows, tmp_path, policy, loss_type="kto", kl_estimate="batch", reuse_prompt_cache=False,
+          **overrides):
+    kto_kwargs = {"on_nonfinite": policy, "loss_type": loss_type, "kl_estimate": kl_estimate, "warn_guidance": False,
+                  "reuse_prompt_cache": reuse_prompt_cache}
     kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, kto_kwargs=kto_kwargs,
                                per_device_train_batch_size=BATCH, max_steps=3, **overrides)
     kto.attach(trainer)
@@ -99,11 +111,25 @@ def test_row_index_is_the_row_of_the_input(model, tokenizer, rows, tmp_path):
         assert alone[0]["completion_ids"] == ds[i]["completion_ids"]
 
 
-def test_nonfinite_z0_reports_the_kl_pair_rows(model, tokenizer, rows, tmp_path):
-    kto, trainer, ds = setup(model, tokenizer, rows, tmp_path, "raise")
+@pytest.mark.parametrize("reuse_prompt_cache", [True, False])
+def test_nonfinite_z0_reports_the_kl_pair_rows(model, tokenizer, rows, tmp_path, reuse_prompt_cache):
+    kto, trainer, ds = setup(model, tokenizer, rows, tmp_path, "raise", reuse_prompt_cache=reuse_prompt_cache)
+    assert kto.loss_hook.passes.policy_sharing.on is reuse_prompt_cache
     row = ds[POSITION]["row_index"]
-    poison(model, [kl_sequence(ds, POSITION)], tokenizer.pad_token_id)
+    if reuse_prompt_cache:  # the KL pass runs the KL completions only, against the prompt's cache
+        poison(model, [kl_completion(ds, POSITION)], tokenizer.pad_token_id, prefix=True)
+    else:
+        poison(model, [kl_sequence(ds, POSITION)], tokenizer.pad_token_id)
     expected = rf"z0 = nan \(from the KL pairs of rows \[{row}\]\) at training step 2"
+    with pytest.raises(NonFiniteLossError, match=expected):
+        trainer.train()
+
+
+def test_target_row_nan_reaches_its_prompts_kl_pair(model, tokenizer, rows, tmp_path):
+    kto, trainer, ds = setup(model, tokenizer, rows, tmp_path, "raise", reuse_prompt_cache=True)
+    row = ds[POSITION]["row_index"]
+    poison(model, [target_sequence(ds, POSITION)], tokenizer.pad_token_id)
+    expected = rf"rows \[{row}\] and the reference point z0 = nan \(from the KL pairs of rows \[{row}\]\) at training step 2"
     with pytest.raises(NonFiniteLossError, match=expected):
         trainer.train()
 
@@ -146,7 +172,7 @@ def test_warn_goes_on_and_updates(model, tokenizer, rows, tmp_path):
 
 
 def test_eval_reports_the_evaluation_step(model, tokenizer, rows, tmp_path):
-    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, kto_kwargs={"warn_guidance": False},
+    kto, trainer = kto_trainer(model, tokenizer, rows, tmp_path, kto_kwargs={"warn_guidance": False, "reuse_prompt_cache": False},
                                eval_rows=rows, per_device_eval_batch_size=BATCH)
     kto.attach(trainer)
     ds = trainer.eval_dataset
